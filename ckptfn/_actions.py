@@ -1,0 +1,116 @@
+"""Decisions as data: what ``step`` asks the executor to do.
+
+Pure. Like h11's events, actions are plain frozen records that fully describe an
+effect except what only the shell knows (the clock and the file system).
+Dispatch on them with ``match``::
+
+    match action:
+        case Save(strategy=s, value=v): ...
+        case Skip(reason="missing"): ...
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import attrs
+
+from ckptfn._errors import ConfigError
+from ckptfn._strategy import Strategy
+
+__all__ = ["SKIP_REASONS", "Save", "Skip", "improved"]
+
+SKIP_REASONS = ("missing", "not_finite")
+
+
+def improved(mode: str, best: float | None, value: float, min_delta: float = 0.0) -> bool:
+    """Whether ``value`` is a new best: strictly better than ``best`` by more than ``min_delta``.
+
+    ``best is None`` (nothing saved yet) always improves; ties never do.
+
+    >>> improved("min", None, 1.0), improved("min", 1.0, 0.5), improved("min", 1.0, 1.0)
+    (True, True, False)
+    >>> improved("max", 0.5, 0.55, min_delta=0.1)
+    False
+    """
+    if mode == "min":
+        return best is None or value < best - min_delta
+    if mode == "max":
+        return best is None or value > best + min_delta
+    raise ConfigError(f"{mode!r} is not one of 'min', 'max'", "mode")
+
+
+def _check_epoch(_inst: object, attribute: attrs.Attribute, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{attribute.name} must be an int >= 0, got {value!r}")
+
+
+def _check_finite(_inst: object, attribute: attrs.Attribute, value: object) -> None:
+    if value is None and attribute.name == "previous":
+        return
+    if not isinstance(value, float) or not math.isfinite(value):
+        raise ValueError(f"{attribute.name} must be a finite float, got {value!r}")
+
+
+def _check_improves(inst: Save, _attribute: attrs.Attribute, previous: float | None) -> None:
+    s = inst.strategy
+    if not improved(s.mode, previous, inst.value, s.min_delta):
+        raise ValueError(
+            f"Save of {s.metric_name!r} ({s.mode}): {inst.value!r} does not improve "
+            f"on {previous!r} by more than {s.min_delta!r}"
+        )
+
+
+def _optional_float(value: object) -> object:
+    return float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else value
+
+
+@attrs.frozen
+class Save:
+    """Save this epoch's snapshot as ``strategy.filename``: ``value`` beat ``previous``.
+
+    >>> Save(Strategy("val_loss"), epoch=3, value=0.25, previous=0.5).filename
+    'best_val_loss.pt'
+    >>> Save(Strategy("val_loss"), epoch=3, value=0.5, previous=0.25)
+    Traceback (most recent call last):
+    ...
+    ValueError: Save of 'val_loss' (min): 0.5 does not improve on 0.25 by more than 0.0
+    """
+
+    strategy: Strategy = attrs.field(validator=attrs.validators.instance_of(Strategy))
+    epoch: int = attrs.field(validator=_check_epoch)
+    value: float = attrs.field(converter=_optional_float, validator=_check_finite)
+    previous: float | None = attrs.field(
+        converter=_optional_float, validator=[_check_finite, _check_improves]
+    )
+
+    @property
+    def filename(self) -> str:
+        return self.strategy.filename
+
+
+@attrs.frozen
+class Skip:
+    """The strategy could not judge this epoch: its metric was ``"missing"`` or ``"not_finite"``.
+
+    ``value`` holds the non-finite value (NaN, inf) for messages; None when missing.
+    It is not part of equality (NaN is not equal to itself), so equal inputs give
+    equal actions.
+
+    >>> str(Skip(Strategy("val_loss"), epoch=2, reason="not_finite", value=float("nan")))
+    'val_loss is nan at epoch 2: best_val_loss.pt not saved'
+    """
+
+    strategy: Strategy = attrs.field(validator=attrs.validators.instance_of(Strategy))
+    epoch: int = attrs.field(validator=_check_epoch)
+    reason: str = attrs.field(validator=attrs.validators.in_(SKIP_REASONS))
+    value: float | None = attrs.field(default=None, converter=_optional_float, eq=False)
+
+    @property
+    def filename(self) -> str:
+        return self.strategy.filename
+
+    def __str__(self) -> str:
+        what = "is missing" if self.reason == "missing" else f"is {self.value!r}"
+        return f"{self.strategy.metric_name} {what} at epoch {self.epoch}: {self.filename} not saved"

@@ -1,0 +1,206 @@
+"""The ``Config`` record and how it is built from plain data (YAML, JSON, Hydra).
+
+Pure. Parsing is strict: an unknown key is an error that names it (``mdoe`` must
+never silently become the default), and every error carries the key path of the
+offending entry relative to the object the user passed.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Mapping, Sequence
+
+import attrs
+
+from ckptfn._errors import ConfigError, _join_path
+from ckptfn._strategy import Strategy, check_bool
+
+__all__ = ["STRATEGY_KEYS", "Config", "as_config", "parse_strategy"]
+
+STRATEGY_KEYS = tuple(field.name for field in attrs.fields(Strategy))
+_WRAPPER_KEYS = ("enabled", "strategies")
+_PLAIN_DATA_HINT = "(use Config.from_mapping for plain data)"
+
+
+def duplicate_filename(strategies: Iterable[Strategy]) -> tuple[int, int] | None:
+    """``(index, earlier_index)`` of the first filename used twice, else None.
+
+    >>> duplicate_filename([Strategy("a"), Strategy("b"), Strategy("a", mode="max")])
+    (2, 0)
+    """
+    seen: dict[str, int] = {}
+    for index, strategy in enumerate(strategies):
+        if strategy.filename in seen:
+            return index, seen[strategy.filename]
+        seen[strategy.filename] = index
+    return None
+
+
+def _duplicate_error(strategies: tuple[Strategy, ...], prefix: str) -> ConfigError | None:
+    found = duplicate_filename(strategies)
+    if found is None:
+        return None
+    index, earlier = found
+    return ConfigError(
+        f"{strategies[index].filename!r} is already used by {_join_path(prefix, f'[{earlier}]')}",
+        _join_path(prefix, f"[{index}].filename"),
+    )
+
+
+def _to_strategies(value: object) -> tuple[Strategy, ...]:
+    if isinstance(value, Strategy):
+        return (value,)
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
+        raise ConfigError(
+            f"expected a sequence of Strategy, got {type(value).__name__} {_PLAIN_DATA_HINT}",
+            "strategies",
+        )
+    items = tuple(value)
+    for index, item in enumerate(items):
+        if not isinstance(item, Strategy):
+            raise ConfigError(
+                f"expected a Strategy, got {type(item).__name__} {_PLAIN_DATA_HINT}",
+                f"strategies[{index}]",
+            )
+    return items
+
+
+def _check_unique_filenames(_inst: object, _attribute: attrs.Attribute, value: tuple) -> None:
+    error = _duplicate_error(value, "strategies")
+    if error is not None:
+        raise error
+
+
+@attrs.frozen
+class Config:
+    """An ordered set of strategies; ``enabled=False`` or no strategies turns checkpointing off.
+
+    >>> Config([Strategy("val_loss"), Strategy("val_corr", mode="max")]).active
+    True
+    >>> Config([Strategy("val_loss")], enabled=False).active
+    False
+    """
+
+    strategies: tuple[Strategy, ...] = attrs.field(
+        default=(), converter=_to_strategies, validator=_check_unique_filenames
+    )
+    enabled: bool = attrs.field(default=True, validator=check_bool)
+
+    @property
+    def active(self) -> bool:
+        """True when ``step`` can emit actions: enabled and at least one strategy."""
+        return self.enabled and bool(self.strategies)
+
+    @classmethod
+    def from_mapping(cls, obj: object) -> Config:
+        """Build a Config from plain data (YAML, JSON, Hydra ``DictConfig``/``ListConfig``).
+
+        Accepts ``None`` (disabled), one strategy mapping, a sequence of strategy
+        mappings, or ``{"enabled": bool, "strategies": [...]}``; a ``Config``, a
+        ``Strategy`` or ``Strategy`` items in the sequence pass through.
+
+        >>> Config.from_mapping([{"metric_name": "val_corr", "mode": "max"}]).strategies[0].filename
+        'best_val_corr.pt'
+        >>> Config.from_mapping({"enabled": False, "strategies": [{"metric_name": "val_loss"}]}).active
+        False
+        >>> Config.from_mapping([{"metric_name": "val_loss", "mdoe": "max"}])
+        Traceback (most recent call last):
+        ...
+        ckptfn.ConfigError: [0]: unknown key 'mdoe' (did you mean 'mode'?); valid keys: metric_name, mode, filename, overwrite, min_delta
+        """
+        return as_config(obj)
+
+
+def _items(mapping: Mapping, path: str) -> list[tuple[str, object]]:
+    """The mapping's items with str keys; reading a value may fail (OmegaConf's ``???``)."""
+    items = []
+    for key in mapping:
+        if not isinstance(key, str):
+            raise ConfigError(f"keys must be strings, got {type(key).__name__} {key!r}", path)
+        try:
+            value = mapping[key]
+        except Exception as error:  # e.g. omegaconf.MissingMandatoryValue
+            raise ConfigError(f"cannot read value: {error}", _join_path(path, key)) from error
+        items.append((key, value))
+    return items
+
+
+def _unknown_key(key: str, valid: Sequence[str], path: str) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ConfigError(f"unknown key {key!r}{hint}; valid keys: {', '.join(valid)}", path)
+
+
+def parse_strategy(obj: object, path: str = "") -> Strategy:
+    """One strategy from a mapping of its fields (or a ``Strategy``, passed through).
+
+    A ``filename`` of None means the default name.
+
+    >>> parse_strategy({"metric_name": "loss_components.concordance", "filename": None}).filename
+    'best_loss_components_concordance.pt'
+    """
+    if isinstance(obj, Strategy):
+        return obj
+    if not isinstance(obj, Mapping):
+        raise ConfigError(f"expected a strategy mapping, got {type(obj).__name__} {obj!r}", path)
+    fields = {}
+    for key, value in _items(obj, path):
+        if key not in STRATEGY_KEYS:
+            raise _unknown_key(key, STRATEGY_KEYS, path)
+        if not (key == "filename" and value is None):
+            fields[key] = value
+    if "metric_name" not in fields:
+        raise ConfigError("required key is missing", _join_path(path, "metric_name"))
+    try:
+        return Strategy(**fields)
+    except ConfigError as error:
+        raise error.within(path) from None
+
+
+def _parse_sequence(obj: object, path: str) -> tuple[Strategy, ...]:
+    if obj is None:
+        return ()
+    if isinstance(obj, (str, bytes, Mapping)) or not isinstance(obj, Sequence):
+        raise ConfigError(f"expected a list of strategies, got {type(obj).__name__} {obj!r}", path)
+    strategies = tuple(
+        parse_strategy(item, _join_path(path, f"[{index}]")) for index, item in enumerate(obj)
+    )
+    error = _duplicate_error(strategies, path)
+    if error is not None:
+        raise error
+    return strategies
+
+
+def _parse_wrapper(obj: Mapping) -> Config:
+    fields = dict(_items(obj, ""))
+    for key in fields:
+        if key not in _WRAPPER_KEYS:
+            raise _unknown_key(key, _WRAPPER_KEYS + STRATEGY_KEYS, "")
+    enabled = fields.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise ConfigError(f"expected true or false, got {type(enabled).__name__} {enabled!r}", "enabled")
+    return Config(_parse_sequence(fields.get("strategies"), "strategies"), enabled=enabled)
+
+
+def as_config(obj: object) -> Config:
+    """Anything ``Config.from_mapping`` accepts, as a ``Config``.
+
+    >>> as_config(None).active, as_config(Strategy("val_loss")).strategies[0].metric_name
+    (False, 'val_loss')
+    """
+    if isinstance(obj, Config):
+        return obj
+    if obj is None:
+        return Config(enabled=False)
+    if isinstance(obj, Strategy):
+        return Config((obj,))
+    if isinstance(obj, Mapping):
+        if any(key in STRATEGY_KEYS for key in obj):
+            return Config((parse_strategy(obj),))
+        return _parse_wrapper(obj)
+    if isinstance(obj, Sequence) and not isinstance(obj, (str, bytes)):
+        return Config(_parse_sequence(obj, ""))
+    raise ConfigError(
+        "expected None, a strategy mapping, a list of strategies or "
+        f"{{'enabled': ..., 'strategies': [...]}}, got {type(obj).__name__} {obj!r}"
+    )

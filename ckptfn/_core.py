@@ -1,0 +1,121 @@
+"""The decision core: ``init``, ``step``, ``scan`` and ``best_values``.
+
+Pure (see toolz's definition of purity): the output depends only on the input,
+inputs are never mutated, no I/O, no clock. ``step`` does O(number of strategies)
+work and never copies the metrics mapping.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Iterable, Mapping
+
+import attrs
+import toolz
+
+from ckptfn._actions import Save, Skip, improved
+from ckptfn._config import as_config
+from ckptfn._errors import MetricTypeError
+from ckptfn._metrics import MISSING, lookup, metric_value
+from ckptfn._state import Best, State
+from ckptfn._strategy import Strategy
+
+__all__ = ["Action", "best_values", "init", "scan", "step"]
+
+Action = Save | Skip
+
+
+def init(config: object) -> State:
+    """The state before any epoch: nothing saved yet.
+
+    ``config`` is a ``Config``, a ``Strategy``, a sequence of ``Strategy``, or
+    anything ``Config.from_mapping`` accepts.
+
+    >>> init([Strategy("val_loss"), Strategy("val_corr", mode="max")]).bests
+    (Best(value=None, epoch=None), Best(value=None, epoch=None))
+    """
+    return State(as_config(config))
+
+
+def _judge(
+    strategy: Strategy, best: Best, metrics: Mapping, epoch: int
+) -> tuple[Best, Action | None]:
+    """One strategy's verdict on one epoch: its new best and its action (None: no change)."""
+    raw = lookup(metrics, strategy.metric_name)
+    if raw is MISSING:
+        return best, Skip(strategy, epoch, "missing")
+    value = metric_value(strategy.metric_name, raw)
+    if not math.isfinite(value):
+        return best, Skip(strategy, epoch, "not_finite", value)
+    if not improved(strategy.mode, best.value, value, strategy.min_delta):
+        return best, None
+    return Best(value, epoch), Save(strategy, epoch, value, best.value)
+
+
+def _epoch(state: State, epoch: object) -> int:
+    if epoch is None:
+        return state.steps
+    if isinstance(epoch, bool) or not isinstance(epoch, numbers.Integral):
+        raise TypeError(f"epoch must be an int, got {type(epoch).__name__} {epoch!r}")
+    if epoch < 0:
+        raise ValueError(f"epoch must be >= 0, got {epoch!r}")
+    return int(epoch)
+
+
+def step(state: State, metrics: Mapping, epoch: int | None = None) -> tuple[State, tuple[Action, ...]]:
+    """Judge one epoch's metrics: the new state and the actions to perform, in strategy order.
+
+    A strategy contributes a ``Save`` when its value is a strict new best, a
+    ``Skip`` when its metric is missing or not finite, and nothing otherwise.
+    ``epoch`` defaults to the number of steps taken so far.
+
+    >>> state = init([Strategy("val_loss"), Strategy("loss_components.concordance")])
+    >>> state, actions = step(state, {"val_loss": 0.5, "loss_components": {"concordance": 0.2}})
+    >>> [(type(a).__name__, a.filename, a.value) for a in actions]
+    [('Save', 'best_val_loss.pt', 0.5), ('Save', 'best_loss_components_concordance.pt', 0.2)]
+    >>> state, actions = step(state, {"val_loss": 0.7})
+    >>> [(type(a).__name__, a.filename) for a in actions]
+    [('Skip', 'best_loss_components_concordance.pt')]
+    """
+    if not isinstance(metrics, Mapping):
+        raise MetricTypeError(
+            f"metrics must be a mapping of metric names to values, got {type(metrics).__name__}"
+        )
+    at = _epoch(state, epoch)
+    if not state.config.active:
+        return attrs.evolve(state, steps=state.steps + 1), ()
+    verdicts = tuple(
+        _judge(strategy, best, metrics, at)
+        for strategy, best in zip(state.config.strategies, state.bests)
+    )
+    bests = tuple(best for best, _ in verdicts)
+    actions = tuple(action for _, action in verdicts if action is not None)
+    return attrs.evolve(state, bests=bests, steps=state.steps + 1), actions
+
+
+def scan(
+    state: State, history: Iterable[Mapping]
+) -> tuple[State, tuple[tuple[Action, ...], ...]]:
+    """Fold ``step`` over a metric history: the final state and each step's actions.
+
+    >>> final, actions = scan(init(Strategy("val_loss")), [{"val_loss": v} for v in (3, 1, 2, 0)])
+    >>> [[a.epoch for a in step_actions] for step_actions in actions]
+    [[0], [1], [], [3]]
+    >>> best_values(final)
+    {'best_val_loss.pt': 0.0}
+    """
+    carries = toolz.accumulate(lambda carry, metrics: step(carry[0], metrics), history, (state, ()))
+    final, per_step = next(carries)[0], []
+    for final, actions in carries:
+        per_step.append(actions)
+    return final, tuple(per_step)
+
+
+def best_values(state: State) -> dict[str, float | None]:
+    """The best value each strategy has saved so far, keyed by filename (None before its first save).
+
+    >>> best_values(init(Strategy("val_corr", mode="max")))
+    {'best_val_corr.pt': None}
+    """
+    return {s.filename: best.value for s, best in zip(state.config.strategies, state.bests)}

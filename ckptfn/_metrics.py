@@ -1,0 +1,109 @@
+"""Finding a metric's value in a (nested) metrics mapping and reading it as a float.
+
+Pure. numpy scalars and torch tensors are recognised by duck typing (``.item()``
+plus a ``size``/``numel()`` of one), so this module imports neither library.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping
+
+from ckptfn._errors import MetricTypeError
+
+__all__ = ["MISSING", "lookup", "metric_value"]
+
+
+class _Missing:
+    """Sentinel for a metric that is not in the mapping."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "MISSING"
+
+
+MISSING = _Missing()
+
+
+def lookup(metrics: Mapping, name: str) -> object:
+    """The value of ``name`` in ``metrics``, or ``MISSING``.
+
+    At every level the exact remaining key wins (flat logs such as
+    ``{"loss_components.concordance": 0.3}``); otherwise the first dotted segment
+    is followed into a nested mapping. Nothing is copied.
+
+    >>> lookup({"loss_components": {"concordance": 0.3}}, "loss_components.concordance")
+    0.3
+    >>> lookup({"loss_components.concordance": 0.2}, "loss_components.concordance")
+    0.2
+    >>> lookup({"loss_components": 0.5}, "loss_components.concordance")
+    MISSING
+    """
+    if name in metrics:
+        return metrics[name]
+    head, dot, rest = name.partition(".")
+    if not dot or head not in metrics:
+        return MISSING
+    inner = metrics[head]
+    return lookup(inner, rest) if isinstance(inner, Mapping) else MISSING
+
+
+def _type_name(value: object) -> str:
+    kind = type(value)
+    module = kind.__module__
+    name = kind.__qualname__ if module == "builtins" else f"{module}.{kind.__qualname__}"
+    dtype = getattr(value, "dtype", None)
+    return f"{name} (dtype {dtype})" if dtype is not None and not isinstance(dtype, type) else name
+
+
+def _element_count(value: object) -> int | None:
+    """How many elements an array-like holds (torch ``numel()``, numpy/jax ``size``), else None."""
+    numel = getattr(value, "numel", None)
+    if callable(numel):
+        count = numel()
+    else:
+        count = getattr(value, "size", None)
+    return count if isinstance(count, int) and not isinstance(count, bool) else None
+
+
+def _as_real(value: object) -> float | None:
+    """``value`` as a Python float if it is a real, non-bool number (Python or numpy scalar)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None  # numpy.bool_ is not a numbers.Real either
+    try:
+        return float(value)
+    except OverflowError:  # an int too large for a float
+        return math.inf if value > 0 else -math.inf
+
+
+def metric_value(name: str, value: object) -> float:
+    """``value`` as a Python float; ``MetricTypeError`` naming the metric and type otherwise.
+
+    Accepts Python and numpy real scalars and one-element arrays/tensors (any
+    device: ``.item()`` copies the one number to the host). NaN and inf are
+    returned as they are; deciding what they mean is the caller's business.
+
+    >>> metric_value("val_loss", 3)
+    3.0
+    >>> metric_value("val_loss", True)
+    Traceback (most recent call last):
+    ...
+    ckptfn.MetricTypeError: metric 'val_loss': expected a real number or a one-element tensor, got bool True
+    """
+    result = _as_real(value)
+    if result is not None:
+        return result
+    count = _element_count(value)
+    item = getattr(value, "item", None)
+    if count == 1 and callable(item) and not isinstance(value, (str, bytes, Mapping)):
+        result = _as_real(item())
+        if result is not None:
+            return result
+    shown = repr(value)
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    raise MetricTypeError(
+        f"metric {name!r}: expected a real number or a one-element tensor, "
+        f"got {_type_name(value)} {shown}"
+    )

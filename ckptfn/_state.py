@@ -1,0 +1,179 @@
+"""The decision state: the best value each strategy has saved, and how it round-trips.
+
+Pure. ``State.to_dict()`` is plain data (it survives JSON and
+``torch.load(weights_only=True)``); ``restore`` rebuilds a ``State`` from it for
+a possibly changed configuration and rejects malformed data with a ``ConfigError``
+that names the key path.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping, Sequence
+
+import attrs
+
+from ckptfn._config import Config, as_config
+from ckptfn._errors import ConfigError
+
+__all__ = ["STATE_FORMAT", "Best", "State", "restore"]
+
+STATE_FORMAT = "ckptfn.state/1"
+
+
+def _check_best_value(_inst: object, attribute: attrs.Attribute, value: object) -> None:
+    if value is not None and (not isinstance(value, float) or not math.isfinite(value)):
+        raise ConfigError(f"expected a finite float or None, got {value!r}", attribute.name)
+
+
+def _check_count(_inst: object, attribute: attrs.Attribute, value: object) -> None:
+    if value is None and attribute.name == "epoch":
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"expected an int >= 0, got {value!r}", attribute.name)
+
+
+def _check_epoch_matches_value(inst: Best, _attribute: attrs.Attribute, epoch: object) -> None:
+    if (inst.value is None) != (epoch is None):
+        raise ConfigError(f"value {inst.value!r} and epoch {epoch!r} must both be None or both set")
+
+
+@attrs.frozen
+class Best:
+    """A strategy's best so far: the value saved and the epoch it was saved at (both None before)."""
+
+    value: float | None = attrs.field(default=None, validator=_check_best_value)
+    epoch: int | None = attrs.field(
+        default=None, validator=[_check_count, _check_epoch_matches_value]
+    )
+
+
+_NOTHING_SAVED = Best()
+
+
+def _fresh_bests(state: State) -> tuple[Best, ...]:
+    return (_NOTHING_SAVED,) * len(state.config.strategies)
+
+
+def _check_bests(inst: State, _attribute: attrs.Attribute, bests: tuple) -> None:
+    if len(bests) != len(inst.config.strategies):
+        raise ConfigError(
+            f"{len(bests)} bests for {len(inst.config.strategies)} strategies", "bests"
+        )
+    for index, best in enumerate(bests):
+        if not isinstance(best, Best):
+            raise ConfigError(f"expected a Best, got {type(best).__name__}", f"bests[{index}]")
+
+
+@attrs.frozen
+class State:
+    """The configuration, one ``Best`` per strategy (same order), and the number of steps taken."""
+
+    config: Config = attrs.field(validator=attrs.validators.instance_of(Config))
+    bests: tuple[Best, ...] = attrs.field(
+        default=attrs.Factory(_fresh_bests, takes_self=True), converter=tuple, validator=_check_bests
+    )
+    steps: int = attrs.field(default=0, validator=_check_count)
+
+    def to_dict(self) -> dict:
+        """Plain data (dict/list/str/int/float/bool/None) that ``restore`` reads back.
+
+        >>> from ckptfn._strategy import Strategy
+        >>> State(Config([Strategy("val_loss")])).to_dict()["strategies"][0]["best"] is None
+        True
+        """
+        return {
+            "format": STATE_FORMAT,
+            "steps": self.steps,
+            "enabled": self.config.enabled,
+            "strategies": [
+                {**attrs.asdict(strategy), "best": best.value, "best_epoch": best.epoch}
+                for strategy, best in zip(self.config.strategies, self.bests)
+            ],
+        }
+
+
+def _require(data: Mapping, key: str, path: str, check, expected: str) -> object:
+    where = f"{path}.{key}" if path else key
+    if key not in data:
+        raise ConfigError("required key is missing", where)
+    value = data[key]
+    if not check(value):
+        raise ConfigError(f"expected {expected}, got {value!r}", where)
+    return value
+
+
+def _is_str(value: object) -> bool:
+    return isinstance(value, str)
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_optional_count(value: object) -> bool:
+    return value is None or _is_count(value)
+
+
+def _is_optional_finite(value: object) -> bool:
+    return value is None or (
+        isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    )
+
+
+def _saved_best(entry: object, path: str) -> tuple[tuple[str, str, str], Best]:
+    """Parse one saved strategy entry into its identity and its ``Best``."""
+    if not isinstance(entry, Mapping):
+        raise ConfigError(f"expected a mapping, got {type(entry).__name__}", path)
+    identity = tuple(
+        _require(entry, key, path, _is_str, "a str") for key in ("metric_name", "mode", "filename")
+    )
+    value = _require(entry, "best", path, _is_optional_finite, "a finite number or None")
+    epoch = _require(entry, "best_epoch", path, _is_optional_count, "an int >= 0 or None")
+    try:
+        best = Best(None if value is None else float(value), epoch)
+    except ConfigError as error:
+        raise error.within(path) from None
+    return identity, best
+
+
+def restore(config: object, data: object) -> State:
+    """Rebuild a ``State`` for ``config`` from ``State.to_dict()`` output.
+
+    A strategy whose ``(metric_name, mode, filename)`` is unchanged keeps its best;
+    a new or changed strategy starts fresh; strategies no longer configured are
+    dropped. ``data=None`` means nothing was saved: a fresh state.
+
+    >>> from ckptfn._strategy import Strategy
+    >>> saved = State(Config([Strategy("val_loss")]), bests=[Best(0.25, 3)], steps=4).to_dict()
+    >>> restore([Strategy("val_loss"), Strategy("val_corr", mode="max")], saved).bests
+    (Best(value=0.25, epoch=3), Best(value=None, epoch=None))
+    """
+    config = as_config(config)
+    if data is None:
+        return State(config)
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"saved state must be a mapping, got {type(data).__name__}")
+    if data.get("format") != STATE_FORMAT:
+        raise ConfigError(f"expected {STATE_FORMAT!r}, got {data.get('format')!r}", "format")
+    steps = _require(data, "steps", "", _is_count, "an int >= 0")
+    entries = _require(
+        data,
+        "strategies",
+        "",
+        lambda v: isinstance(v, Sequence) and not isinstance(v, (str, bytes)),
+        "a list",
+    )
+    saved = {}
+    for index, entry in enumerate(entries):
+        identity, best = _saved_best(entry, f"strategies[{index}]")
+        filename = identity[2]
+        if filename in saved:
+            raise ConfigError(f"{filename!r} appears twice", f"strategies[{index}].filename")
+        saved[filename] = (identity, best)
+    bests = []
+    for strategy in config.strategies:
+        identity, best = saved.get(strategy.filename, (None, _NOTHING_SAVED))
+        bests.append(best if identity == strategy.identity else _NOTHING_SAVED)
+    return State(config, bests, steps)

@@ -1,0 +1,117 @@
+"""Hypothesis strategies shared by the whole test suite.
+
+A *logical* history is a list of epochs, each a dict ``metric name -> value`` where
+the value is a float (possibly NaN/inf) or ``MISSING``. ``render`` turns one logical
+epoch into the metrics mapping a training loop would pass: dotted names nested or
+flat at random, values as Python floats, ints, numpy or torch scalars, plus noise
+keys that no strategy watches.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from hypothesis import strategies as st
+
+import ckptfn
+from ckptfn._metrics import MISSING
+from ckptfn._strategy import MODES
+
+# No name is a dotted prefix of another, so nesting never collides.
+METRIC_NAMES = (
+    "val_loss",
+    "val_corr",
+    "loss_components.mse",
+    "loss_components.concordance",
+    "eval.scores.auc",
+)
+
+NON_FINITE = (math.nan, math.inf, -math.inf)
+
+#: Finite values on a small grid (frequent ties and repeats) or anywhere.
+finite_values = st.one_of(
+    st.integers(-4, 4).map(lambda i: i / 2),
+    st.floats(allow_nan=False, allow_infinity=False),
+)
+
+#: A logical value of one metric in one epoch.
+logical_values = st.one_of(
+    finite_values,
+    finite_values,
+    st.sampled_from(NON_FINITE),
+    st.just(MISSING),
+)
+
+modes = st.sampled_from(MODES)
+min_deltas = st.one_of(st.just(0.0), st.sampled_from([0.25, 0.5, 1.0]), st.floats(0, 1e6))
+
+
+@st.composite
+def strategies_for(draw, metric_name: str, *, min_delta=min_deltas, filename=None) -> ckptfn.Strategy:
+    """A Strategy watching ``metric_name`` with random mode, overwrite and min_delta."""
+    return ckptfn.Strategy(
+        metric_name,
+        mode=draw(modes),
+        filename=filename,
+        overwrite=draw(st.booleans()),
+        min_delta=draw(min_delta) if isinstance(min_delta, st.SearchStrategy) else min_delta,
+    )
+
+
+@st.composite
+def configs(draw, *, min_delta=min_deltas, max_strategies: int = 4) -> ckptfn.Config:
+    """1..max_strategies strategies over METRIC_NAMES, possibly several per metric."""
+    names = draw(st.lists(st.sampled_from(METRIC_NAMES), min_size=1, max_size=max_strategies))
+    return ckptfn.Config(
+        tuple(
+            draw(strategies_for(name, min_delta=min_delta, filename=f"s{index}_{name}.pt"))
+            for index, name in enumerate(names)
+        )
+    )
+
+
+def logical_histories(names, *, max_size: int = 25):
+    """Lists of epochs over the given metric names."""
+    epoch = st.fixed_dictionaries({name: logical_values for name in names})
+    return st.lists(epoch, max_size=max_size)
+
+
+def _render_value(draw, value: float):
+    kind = draw(st.sampled_from(["float", "float", "float", "int", "numpy", "torch"]))
+    if kind == "int" and math.isfinite(value) and value == int(value):
+        return int(value)
+    if kind == "numpy":
+        return np.float64(value)
+    if kind == "torch":
+        return torch.tensor(value, dtype=torch.float64)
+    return value
+
+
+@st.composite
+def rendered(draw, logical: dict) -> dict:
+    """The metrics mapping for one logical epoch (nested or flat, mixed scalar types, noise)."""
+    metrics: dict = {"lr": 1e-3, "notes": "not a metric", "other": {"x": [1, 2]}}
+    for name, value in logical.items():
+        if value is MISSING:
+            continue
+        shown = _render_value(draw, value)
+        if "." in name and draw(st.booleans()):
+            *parents, leaf = name.split(".")
+            node = metrics
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = shown
+        else:
+            metrics[name] = shown
+    return metrics
+
+
+@st.composite
+def runs(draw, *, min_delta=min_deltas, max_size: int = 25):
+    """``(config, logical_history, rendered_history)`` for one training run."""
+    config = draw(configs(min_delta=min_delta))
+    names = sorted({s.metric_name for s in config.strategies})
+    logical = draw(logical_histories(names, max_size=max_size))
+    return config, logical, [draw(rendered(epoch)) for epoch in logical]

@@ -1,0 +1,60 @@
+"""The import rule: pure modules import nothing effectful (parsed, not trusted)."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+import pytest
+
+import ckptfn
+
+PACKAGE = pathlib.Path(ckptfn.__file__).parent
+
+PURE = {"_errors", "_strategy", "_config", "_metrics", "_actions", "_state", "_core", "_version"}
+EFFECTFUL = {"__init__"}
+
+#: What a pure module may import: the standard library's pure parts and attrs/toolz.
+ALLOWED = {"__future__", "math", "numbers", "difflib", "typing", "collections.abc", "functools", "itertools", "attrs", "toolz", "enum", "types"}
+FORBIDDEN_CALLS = {"open", "print", "input", "exec", "eval", "compile", "__import__", "breakpoint"}
+
+
+def imports_of(path: pathlib.Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                raise AssertionError(f"{path.name}: use absolute imports (from ckptfn.x import ...)")
+            found.add(node.module)
+    return found
+
+
+def test_every_module_is_classified():
+    modules = {p.stem for p in PACKAGE.glob("*.py")}
+    assert modules == PURE | EFFECTFUL, "classify new modules as PURE or EFFECTFUL"
+
+
+@pytest.mark.parametrize("module", sorted(PURE))
+def test_pure_module_imports_only_pure_things(module):
+    path = PACKAGE / f"{module}.py"
+    for name in imports_of(path):
+        if name.startswith("ckptfn."):
+            assert name.removeprefix("ckptfn.") in PURE, f"{module} imports effectful {name}"
+        else:
+            assert name in ALLOWED, f"{module} imports {name!r}, which is not on the pure allow-list"
+
+
+@pytest.mark.parametrize("module", sorted(PURE))
+def test_pure_module_calls_no_effectful_builtins(module):
+    tree = ast.parse((PACKAGE / f"{module}.py").read_text())
+    called = {n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+    assert not called & FORBIDDEN_CALLS
+
+
+def test_the_checker_catches_a_forbidden_import(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("import os\nfrom time import time\n")
+    assert imports_of(bad) == {"os", "time"}
+    assert not ({"os", "time"} <= ALLOWED)
