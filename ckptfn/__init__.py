@@ -1,7 +1,8 @@
 """ckptfn: decide when a training run saves its best checkpoints, purely; save them safely.
 
 The pure core (``init``, ``step``, ``scan``, ``improved``, the records) decides;
-later layers execute its actions on disk.
+the executor (``execute``, ``load_checkpoint``, ``read_metadata``) performs its
+actions on disk, crash-safely.
 """
 
 from ckptfn._actions import Save, Skip, improved
@@ -14,7 +15,10 @@ from ckptfn._errors import (
     ConfigError,
     MetricTypeError,
     MetricWarning,
+    PayloadError,
 )
+from ckptfn._executor import execute
+from ckptfn._reading import load_checkpoint, read_metadata, restore_from_directory
 from ckptfn._state import Best, State, restore
 from ckptfn._strategy import Strategy
 from ckptfn._version import __version__
@@ -29,15 +33,20 @@ __all__ = [
     "ConfigError",
     "MetricTypeError",
     "MetricWarning",
+    "PayloadError",
     "Save",
     "Skip",
     "State",
     "Strategy",
     "__version__",
     "best_values",
+    "execute",
     "improved",
     "init",
+    "load_checkpoint",
+    "read_metadata",
     "restore",
+    "restore_from_directory",
     "scan",
     "step",
 ]

@@ -99,7 +99,7 @@ class Skip:
     equal actions.
 
     >>> str(Skip(Strategy("val_loss"), epoch=2, reason="not_finite", value=float("nan")))
-    'val_loss is nan at epoch 2: best_val_loss.pt not saved'
+    'val_loss is not finite (nan) at epoch 2; best_val_loss.pt not saved'
     """
 
     strategy: Strategy = attrs.field(validator=attrs.validators.instance_of(Strategy))
@@ -112,5 +112,5 @@ class Skip:
         return self.strategy.filename
 
     def __str__(self) -> str:
-        what = "is missing" if self.reason == "missing" else f"is {self.value!r}"
-        return f"{self.strategy.metric_name} {what} at epoch {self.epoch}: {self.filename} not saved"
+        what = "is missing" if self.reason == "missing" else f"is not finite ({self.value!r})"
+        return f"{self.strategy.metric_name} {what} at epoch {self.epoch}; {self.filename} not saved"

@@ -17,6 +17,7 @@ __all__ = [
     "ConfigError",
     "MetricTypeError",
     "MetricWarning",
+    "PayloadError",
 ]
 
 
@@ -74,12 +75,34 @@ class CheckpointError(Exception):
 
 
 class CheckpointWriteError(CheckpointError):
-    """Writing a checkpoint failed; no final name holds a partial file."""
+    """Writing a checkpoint failed; no final name holds a partial file.
+
+    ``published`` lists the final paths that already hold the new snapshot when
+    the failure hit (empty when nothing changed on disk).
+    """
+
+    __module__ = "ckptfn"
+
+    def __init__(self, message: str, published: tuple = ()) -> None:
+        super().__init__(message)
+        self.published = tuple(published)
+
+
+class PayloadError(CheckpointWriteError, TypeError):
+    """Something in the payload or metadata cannot be stored so that it loads with
+    ``torch.load(weights_only=True)``; raised before anything is written."""
 
     __module__ = "ckptfn"
 
 
 class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
-    """The checkpoint path does not exist."""
+    """The checkpoint path does not exist; the message lists what the directory holds."""
 
     __module__ = "ckptfn"
+
+    def __init__(self, message: str, path: str | None = None) -> None:
+        super().__init__(message)
+        self.errno, self.strerror, self.filename = 2, "No such checkpoint", path  # ENOENT, like OSError
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 from ckptfn._errors import MetricTypeError
 
-__all__ = ["MISSING", "lookup", "metric_value"]
+__all__ = ["MISSING", "element_count", "lookup", "metric_value"]
 
 
 class _Missing:
@@ -58,7 +58,7 @@ def _type_name(value: object) -> str:
     return f"{name} (dtype {dtype})" if dtype is not None and not isinstance(dtype, type) else name
 
 
-def _element_count(value: object) -> int | None:
+def element_count(value: object) -> int | None:
     """How many elements an array-like holds (torch ``numel()``, numpy/jax ``size``), else None."""
     numel = getattr(value, "numel", None)
     if callable(numel):
@@ -95,7 +95,7 @@ def metric_value(name: str, value: object) -> float:
     result = _as_real(value)
     if result is not None:
         return result
-    count = _element_count(value)
+    count = element_count(value)
     item = getattr(value, "item", None)
     if count == 1 and callable(item) and not isinstance(value, (str, bytes, Mapping)):
         result = _as_real(item())

@@ -16,8 +16,9 @@ import attrs
 
 from ckptfn._config import Config, as_config
 from ckptfn._errors import ConfigError
+from ckptfn._metadata import entry_for
 
-__all__ = ["STATE_FORMAT", "Best", "State", "restore"]
+__all__ = ["STATE_FORMAT", "Best", "State", "restore", "restore_from_saves"]
 
 STATE_FORMAT = "ckptfn.state/1"
 
@@ -177,3 +178,38 @@ def restore(config: object, data: object) -> State:
         identity, best = saved.get(strategy.filename, (None, _NOTHING_SAVED))
         bests.append(best if identity == strategy.identity else _NOTHING_SAVED)
     return State(config, bests, steps)
+
+
+def _best_from_file(strategy, metadata: Mapping | None) -> Best:
+    """The best a strategy can trust from the file at its name (fresh if it cannot)."""
+    if not isinstance(metadata, Mapping):
+        return _NOTHING_SAVED
+    entry = entry_for(metadata, strategy.filename)
+    if entry is None or (entry.get("metric_name"), entry.get("mode")) != (strategy.metric_name, strategy.mode):
+        return _NOTHING_SAVED
+    value, epoch = entry.get("value"), entry.get("epoch", metadata.get("epoch"))
+    if not (_is_optional_finite(value) and value is not None and _is_count(epoch)):
+        return _NOTHING_SAVED
+    return Best(float(value), epoch)
+
+
+def restore_from_saves(config: object, found: Mapping[str, Mapping | None], steps: int = 0) -> State:
+    """A ``State`` whose bests are exactly what the files on disk record.
+
+    ``found`` maps a filename to the metadata of the file at that name (None when
+    missing or unreadable). A strategy keeps the value its own ``saves`` entry
+    records if that entry has the same metric and mode; otherwise it starts fresh.
+    ``steps`` is at least one past the newest best's epoch.
+
+    >>> from ckptfn._strategy import Strategy
+    >>> meta = {"epoch": 4, "saves": [{"filename": "best_val_loss.pt", "metric_name": "val_loss",
+    ...                                "mode": "min", "value": 0.2, "epoch": 4}]}
+    >>> state = restore_from_saves([Strategy("val_loss"), Strategy("val_loss", mode="max", filename="x.pt")],
+    ...                            {"best_val_loss.pt": meta, "x.pt": meta})
+    >>> state.bests, state.steps
+    ((Best(value=0.2, epoch=4), Best(value=None, epoch=None)), 5)
+    """
+    config = as_config(config)
+    bests = tuple(_best_from_file(s, found.get(s.filename)) for s in config.strategies)
+    newest = max((best.epoch + 1 for best in bests if best.epoch is not None), default=0)
+    return State(config, bests, max(steps, newest))

@@ -1,4 +1,9 @@
 import os
+import pathlib
+import subprocess
+import uuid
+
+import pytest
 
 from hypothesis import HealthCheck, settings
 
@@ -12,3 +17,29 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """Mount a tiny tmpfs (default 4 MiB) for real "No space left on device" errors; skip if impossible."""
+    mounts: list[pathlib.Path] = []
+
+    def mount(size: str = "4m") -> pathlib.Path:
+        point = tmp_path / f"tmpfs-{uuid.uuid4().hex[:6]}"
+        point.mkdir()
+        try:
+            result = subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)],
+                capture_output=True,
+                text=True,
+            )
+        except FileNotFoundError:
+            pytest.skip("cannot mount a tmpfs here: no mount command")
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip() or result.returncode}")
+        mounts.append(point)
+        return point
+
+    yield mount
+    for point in mounts:
+        subprocess.run(["umount", "-l", str(point)], capture_output=True)

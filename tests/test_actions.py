@@ -60,7 +60,7 @@ def test_skip_reasons_and_equality():
     with pytest.raises(ValueError, match="reason"):
         Skip(s, 0, "bad")
     assert Skip(s, 0, "not_finite", math.nan) == Skip(s, 0, "not_finite", math.nan)
-    assert str(Skip(s, 4, "missing")) == "val_loss is missing at epoch 4: best_val_loss.pt not saved"
+    assert str(Skip(s, 4, "missing")) == "val_loss is missing at epoch 4; best_val_loss.pt not saved"
 
 
 def test_actions_support_match():

@@ -1,0 +1,118 @@
+"""File names of the checkpoint directory: archives and temporary files.
+
+Pure string functions; the clock, pid and host name are passed in.
+
+- An archived version of ``best_corr.pt`` is ``best_corr_<UTC timestamp>.pt``,
+  e.g. ``best_corr_20261129T131500123456Z.pt``; on a clash ``-1``, ``-2``, ... is
+  appended to the stem.
+- A temporary file is hidden and names its writer:
+  ``.ckptfn.<pid>.<host>.<token>.<final name>.tmp``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+
+__all__ = [
+    "archive_name",
+    "archive_stamp",
+    "archived_of",
+    "host_tag",
+    "parse_temp_name",
+    "split_suffix",
+    "temp_name",
+    "timestamp_iso",
+]
+
+_STAMP = re.compile(r"\d{8}T\d{12}Z")
+_TEMP = re.compile(r"^\.ckptfn\.(?P<pid>\d+)\.(?P<host>[A-Za-z0-9_-]+)\.(?P<token>[0-9a-f]+)\..+\.tmp$")
+
+
+def _utc(moment: dt.datetime) -> dt.datetime:
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        raise ValueError(f"now: expected a timezone-aware datetime, got naive {moment!r}")
+    return moment.astimezone(dt.timezone.utc)
+
+
+def timestamp_iso(moment: dt.datetime) -> str:
+    """ISO-8601 UTC with microseconds, as stored in metadata.
+
+    >>> timestamp_iso(dt.datetime(2026, 11, 29, 14, 15, tzinfo=dt.timezone(dt.timedelta(hours=1))))
+    '2026-11-29T13:15:00.000000+00:00'
+    """
+    return _utc(moment).isoformat(timespec="microseconds")
+
+
+def archive_stamp(moment: dt.datetime) -> str:
+    """The compact UTC stamp used in archive names.
+
+    >>> archive_stamp(dt.datetime(2026, 11, 29, 13, 15, 0, 123456, tzinfo=dt.timezone.utc))
+    '20261129T131500123456Z'
+    """
+    t = _utc(moment)  # formatted by hand: strftime's %Y does not pad years before 1000
+    return f"{t.year:04d}{t.month:02d}{t.day:02d}T{t.hour:02d}{t.minute:02d}{t.second:02d}{t.microsecond:06d}Z"
+
+
+def split_suffix(filename: str) -> tuple[str, str]:
+    """``("best_corr", ".pt")``; a name without a dot has an empty suffix.
+
+    >>> split_suffix("best_corr.pt"), split_suffix("last"), split_suffix("model.tar.gz")
+    (('best_corr', '.pt'), ('last', ''), ('model.tar', '.gz'))
+    """
+    stem, dot, suffix = filename.rpartition(".")
+    return (stem, dot + suffix) if dot and stem else (filename, "")
+
+
+def archive_name(filename: str, moment: dt.datetime, clash: int = 0) -> str:
+    """Where the version of ``filename`` saved at ``moment`` is kept; ``clash`` > 0 adds ``-clash``.
+
+    >>> when = dt.datetime(2026, 11, 29, 13, 15, 0, 123456, tzinfo=dt.timezone.utc)
+    >>> archive_name("best_corr.pt", when), archive_name("best_corr.pt", when, 2)
+    ('best_corr_20261129T131500123456Z.pt', 'best_corr_20261129T131500123456Z-2.pt')
+    """
+    stem, suffix = split_suffix(filename)
+    counter = f"-{clash}" if clash else ""
+    return f"{stem}_{archive_stamp(moment)}{counter}{suffix}"
+
+
+def archived_of(name: str, filename: str) -> bool:
+    """Whether ``name`` is an archived version of ``filename``.
+
+    >>> archived_of("best_corr_20261129T131500123456Z-1.pt", "best_corr.pt"), archived_of("best_corr.pt", "best_corr.pt")
+    (True, False)
+    """
+    stem, suffix = split_suffix(filename)
+    if not (name.startswith(stem + "_") and name.endswith(suffix)):
+        return False
+    middle = name[len(stem) + 1 : len(name) - len(suffix)]
+    stamp, _, counter = middle.partition("-")
+    return bool(_STAMP.fullmatch(stamp)) and (not counter or counter.isdigit())
+
+
+def host_tag(host: str) -> str:
+    """The form of a host name used inside temporary names (dots and odd characters become ``_``).
+
+    >>> host_tag("gpu01.cluster")
+    'gpu01_cluster'
+    """
+    return re.sub(r"[^A-Za-z0-9_-]", "_", host)[:32] or "host"
+
+
+def temp_name(filename: str, pid: int, host: str, token: str) -> str:
+    """The hidden temporary name a writer uses while producing ``filename``.
+
+    >>> temp_name("best_loss.pt", 4242, "node-1.example", "9f3a")
+    '.ckptfn.4242.node-1_example.9f3a.best_loss.pt.tmp'
+    """
+    return f".ckptfn.{pid}.{host_tag(host)}.{token}.{filename}.tmp"
+
+
+def parse_temp_name(name: str) -> tuple[int, str] | None:
+    """``(pid, host tag)`` of a ckptfn temporary file name, else None.
+
+    >>> parse_temp_name(temp_name("best_loss.pt", 4242, "node-1", "9f3a")), parse_temp_name("best_loss.pt")
+    ((4242, 'node-1'), None)
+    """
+    match = _TEMP.match(name)
+    return (int(match["pid"]), match["host"]) if match else None

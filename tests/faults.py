@@ -1,0 +1,92 @@
+"""File systems for fault injection, built on the executor's seam (ckptfn._fs.FileSystem)."""
+
+from __future__ import annotations
+
+import errno
+
+from ckptfn._fs import FileSystem
+
+MUTATING = ("mkdir", "create", "write", "fsync", "replace", "link", "unlink", "fsync_dir")
+
+
+class Crash(BaseException):
+    """The simulated machine stopped: nothing after this runs (not even cleanup)."""
+
+
+class RecordingFS(FileSystem):
+    """Records every mutating operation as ``(name, args)``."""
+
+    def __init__(self) -> None:
+        self.ops: list[tuple[str, tuple]] = []
+
+    def _before(self, name: str, args: tuple) -> None:
+        self.ops.append((name, args))
+
+    def mkdir(self, path):
+        self._before("mkdir", (path,))
+        return super().mkdir(path)
+
+    def create(self, path):
+        self._before("create", (path,))
+        return super().create(path)
+
+    def write(self, raw, data):
+        self._before("write", (len(data),))
+        return super().write(raw, data)
+
+    def fsync(self, raw):
+        self._before("fsync", ())
+        return super().fsync(raw)
+
+    def replace(self, source, target):
+        self._before("replace", (source, target))
+        return super().replace(source, target)
+
+    def link(self, source, target):
+        self._before("link", (source, target))
+        return super().link(source, target)
+
+    def unlink(self, path):
+        self._before("unlink", (path,))
+        return super().unlink(path)
+
+    def fsync_dir(self, path):
+        self._before("fsync_dir", (path,))
+        return super().fsync_dir(path)
+
+
+class FailingFS(RecordingFS):
+    """Raises ``error`` at the ``at``-th call of operation ``op`` (0-based); everything else is real."""
+
+    def __init__(self, op: str, at: int = 0, error: BaseException | None = None) -> None:
+        super().__init__()
+        self.op, self.at, self.seen = op, at, 0
+        self.error = error or OSError(errno.ENOSPC, "No space left on device (injected)")
+
+    def _before(self, name, args):
+        super()._before(name, args)
+        if name == self.op:
+            self.seen += 1
+            if self.seen - 1 == self.at:
+                raise self.error
+
+
+class CrashFS(RecordingFS):
+    """Performs the first ``stop_after`` mutating operations, then crashes on the next and every later one."""
+
+    def __init__(self, stop_after: int) -> None:
+        super().__init__()
+        self.stop_after = stop_after
+
+    def _before(self, name, args):
+        if len(self.ops) >= self.stop_after:
+            raise Crash(f"crashed before {name} (operation {len(self.ops)})")
+        super()._before(name, args)
+
+
+class NoLinksFS(RecordingFS):
+    """A file system that refuses hard links (like FAT or some network mounts)."""
+
+    def link(self, source, target):
+        self._before("link", (source, target))
+        raise OSError(errno.EPERM, "Operation not permitted (no hard links here)")
