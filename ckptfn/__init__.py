@@ -7,7 +7,7 @@ actions on disk, crash-safely.
 
 from ckptfn._actions import Save, Skip, improved
 from ckptfn._config import Config
-from ckptfn._core import Action, best_values, init, scan, step
+from ckptfn._core import Action, best_values, init, new_skips, scan, step
 from ckptfn._errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -18,6 +18,7 @@ from ckptfn._errors import (
     PayloadError,
 )
 from ckptfn._executor import execute
+from ckptfn._manager import CheckpointManager
 from ckptfn._reading import load_checkpoint, read_metadata, restore_from_directory
 from ckptfn._state import Best, State, restore
 from ckptfn._strategy import Strategy
@@ -27,6 +28,7 @@ __all__ = [
     "Action",
     "Best",
     "CheckpointError",
+    "CheckpointManager",
     "CheckpointNotFoundError",
     "CheckpointWriteError",
     "Config",
@@ -44,6 +46,7 @@ __all__ = [
     "improved",
     "init",
     "load_checkpoint",
+    "new_skips",
     "read_metadata",
     "restore",
     "restore_from_directory",

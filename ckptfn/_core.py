@@ -21,7 +21,7 @@ from ckptfn._metrics import MISSING, lookup, metric_value
 from ckptfn._state import Best, State
 from ckptfn._strategy import Strategy
 
-__all__ = ["Action", "best_values", "init", "scan", "step"]
+__all__ = ["Action", "best_values", "init", "new_skips", "scan", "step"]
 
 Action = Save | Skip
 
@@ -119,3 +119,26 @@ def best_values(state: State) -> dict[str, float | None]:
     {'best_val_corr.pt': None}
     """
     return {s.filename: best.value for s, best in zip(state.config.strategies, state.bests)}
+
+
+def new_skips(
+    seen: frozenset[tuple[str, str]], actions: Iterable[Action]
+) -> tuple[frozenset[tuple[str, str]], tuple[Skip, ...], tuple[Skip, ...]]:
+    """Split ``actions``' skips into first-time and repeated ones, per (filename, reason).
+
+    Returns the grown ``seen`` set, the skips to report loudly, and the repeats.
+    Shells use it to warn once per strategy and reason, not once per epoch.
+
+    >>> s = Strategy("val_loss")
+    >>> seen, loud, quiet = new_skips(frozenset(), [Skip(s, 0, "missing"), Skip(s, 0, "missing")])
+    >>> len(loud), len(quiet), sorted(seen)
+    (1, 1, [('best_val_loss.pt', 'missing')])
+    """
+    loud, quiet = [], []
+    for action in actions:
+        if not isinstance(action, Skip):
+            continue
+        key = (action.filename, action.reason)
+        (quiet if key in seen else loud).append(action)
+        seen = seen | {key}
+    return frozenset(seen), tuple(loud), tuple(quiet)

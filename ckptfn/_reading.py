@@ -18,6 +18,8 @@ from ckptfn._config import as_config
 from ckptfn._metadata import FORMAT
 from ckptfn._state import State, restore_from_saves
 
+_ZIP_MAGIC = b"PK\x03\x04"  # every file torch.save writes (and so every ckptfn file) is a zip archive
+
 __all__ = [
     "load_checkpoint",
     "read_metadata",
@@ -62,6 +64,14 @@ def _load(path: str | os.PathLike, **options) -> dict:
         raise _not_found(path)
     if path.is_dir():
         raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
+    try:
+        with open(path, "rb") as file:
+            magic = file.read(4)
+    except OSError as error:
+        raise CheckpointError(f"{path}: cannot be read ({_first_line(error)})") from error
+    if magic != _ZIP_MAGIC:
+        what = "an empty file" if not magic else "not a torch zip archive"
+        raise CheckpointError(f"{path}: not a ckptfn checkpoint ({what})")
     try:
         loaded = torch.load(path, weights_only=True, **options)
     except Exception as error:  # torch raises many types for corrupt or unsafe files

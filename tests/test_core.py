@@ -230,3 +230,18 @@ def test_scan_accepts_any_iterable_and_an_empty_history():
     assert scan(state, iter([])) == (state, ())
     final, per_step = scan(state, ({"val_loss": v} for v in (2.0, 1.0)))
     assert final.steps == 2 and len(per_step) == 2
+
+
+@given(runs())
+def test_new_skips_reports_each_strategy_and_reason_once(run):
+    config, _, history = run
+    _, per_step = scan(init(config), history)
+    seen, loud_all, quiet_all = frozenset(), [], []
+    for actions in per_step:
+        seen, loud, quiet = ckptfn.new_skips(seen, actions)
+        loud_all += loud
+        quiet_all += quiet
+    skips = [a for actions in per_step for a in actions if isinstance(a, Skip)]
+    keys = [(s.filename, s.reason) for s in loud_all]
+    assert len(keys) == len(set(keys)) and set(keys) == {(s.filename, s.reason) for s in skips} == seen
+    assert len(loud_all) + len(quiet_all) == len(skips)

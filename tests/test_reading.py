@@ -39,7 +39,7 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path, how):
     else:
         torch.save(evil, path)
     for reader in (load_checkpoint, read_metadata):
-        with pytest.raises(CheckpointError, match="cannot be loaded safely") as info:
+        with pytest.raises(CheckpointError, match="cannot be loaded safely|not a torch zip archive") as info:
             reader(path)
         assert str(path) in str(info.value)
     assert not marker.exists()

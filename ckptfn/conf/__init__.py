@@ -1,0 +1,1 @@
+"""Hydra configuration shipped with ckptfn (use with ``initialize_config_module("ckptfn.conf")``)."""
