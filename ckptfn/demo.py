@@ -95,7 +95,7 @@ class Trainer:
         seed: int = 0,
         resume_from: str | os.PathLike | None = None,
         batch_size: int = 64,
-        lr: float = 1e-2,
+        lr: float = 3e-2,
     ) -> None:
         self.output_dir = pathlib.Path(output_dir)
         self.epochs, self.seed, self.batch_size = epochs, seed, batch_size

@@ -23,7 +23,7 @@ PURE = {
     "_naming",
     "_metadata",
 }
-EFFECTFUL = {"__init__", "_fs", "_payload", "_executor", "_reading", "_manager", "demo"}
+EFFECTFUL = {"__init__", "_fs", "_payload", "_executor", "_reading", "_manager", "demo", "__main__", "_cli", "_history"}
 
 #: What a pure module may import: the standard library's pure parts and attrs/toolz.
 ALLOWED = {
