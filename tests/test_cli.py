@@ -265,3 +265,22 @@ def test_installed_entry_points(command, tmp_path):
     assert result.returncode == 2 and result.stderr.startswith("ckptfn inspect: error:") and "Traceback" not in result.stderr
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 2 and "COMMAND" in result.stderr
+
+
+def test_progress_bar_on_a_terminal_and_plain_lines_otherwise():
+    import io
+
+    from ckptfn._cli import _Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal, pipe = Terminal(), io.StringIO()
+    for stream in (terminal, pipe):
+        progress = _Progress(4, stream)
+        progress.line("epoch 0")
+        progress.bar(1)
+        progress.finish()
+    assert "[########......................] epoch 1/4" in terminal.getvalue() and "\r" in terminal.getvalue()
+    assert pipe.getvalue() == "epoch 0\n"
