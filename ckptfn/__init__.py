@@ -5,7 +5,8 @@ the executor (``execute``, ``load_checkpoint``, ``read_metadata``) performs its
 actions on disk, crash-safely.
 """
 
-from ckptfn._actions import Save, Skip, improved
+from ckptfn._actions import Periodic, Save, Skip, improved
+from ckptfn._async import AsyncExecutor
 from ckptfn._config import Config
 from ckptfn._core import Action, best_values, init, new_skips, scan, step
 from ckptfn._errors import (
@@ -17,15 +18,19 @@ from ckptfn._errors import (
     MetricWarning,
     PayloadError,
 )
+from ckptfn._every import Every
 from ckptfn._executor import execute
 from ckptfn._manager import CheckpointManager
+from ckptfn._metrics import MISSING, lookup
 from ckptfn._reading import load_checkpoint, read_metadata, restore_from_directory
-from ckptfn._state import Best, State, restore
+from ckptfn._sharded import load_sharded
+from ckptfn._state import Best, Last, State, restore
 from ckptfn._strategy import Strategy
 from ckptfn._version import __version__
 
 __all__ = [
     "Action",
+    "AsyncExecutor",
     "Best",
     "CheckpointError",
     "CheckpointManager",
@@ -33,9 +38,13 @@ __all__ = [
     "CheckpointWriteError",
     "Config",
     "ConfigError",
+    "Every",
+    "Last",
+    "MISSING",
     "MetricTypeError",
     "MetricWarning",
     "PayloadError",
+    "Periodic",
     "Save",
     "Skip",
     "State",
@@ -46,6 +55,8 @@ __all__ = [
     "improved",
     "init",
     "load_checkpoint",
+    "load_sharded",
+    "lookup",
     "new_skips",
     "read_metadata",
     "restore",

@@ -6,6 +6,7 @@ Dispatch on them with ``match``::
 
     match action:
         case Save(strategy=s, value=v): ...
+        case Periodic(strategy=every): ...
         case Skip(reason="missing"): ...
 """
 
@@ -17,9 +18,10 @@ import numbers
 import attrs
 
 from ckptfn._errors import ConfigError
+from ckptfn._every import Every
 from ckptfn._strategy import Strategy
 
-__all__ = ["SKIP_REASONS", "Save", "Skip", "improved"]
+__all__ = ["SKIP_REASONS", "Periodic", "Save", "Skip", "improved"]
 
 SKIP_REASONS = ("missing", "not_finite")
 
@@ -114,3 +116,19 @@ class Skip:
     def __str__(self) -> str:
         what = "is missing" if self.reason == "missing" else f"is not finite ({self.value!r})"
         return f"{self.strategy.metric_name} {what} at epoch {self.epoch}; {self.filename} not saved"
+
+
+@attrs.frozen
+class Periodic:
+    """Save this epoch's snapshot as ``strategy.filename`` because the ``Every`` strategy is due.
+
+    >>> Periodic(Every(2, filename="last.pt"), epoch=5).filename
+    'last.pt'
+    """
+
+    strategy: Every = attrs.field(validator=attrs.validators.instance_of(Every))
+    epoch: int = attrs.field(validator=_check_epoch)
+
+    @property
+    def filename(self) -> str:
+        return self.strategy.filename

@@ -24,7 +24,9 @@ from ckptfn._history import HistoryError, load_config_file, load_history
 from ckptfn._metadata import flatten_metrics
 from ckptfn._naming import archived_of
 from ckptfn._reading import read_metadata, visible_files
-from ckptfn._actions import Save
+from ckptfn._sharded import DCP_SUFFIX
+from ckptfn._actions import Periodic, Save
+from ckptfn._strategy import Strategy
 
 __all__ = ["main"]
 
@@ -55,12 +57,19 @@ def _json_number(value: object) -> object:
     return value if not isinstance(value, float) or math.isfinite(value) else None
 
 
+def _disk_size(path: pathlib.Path) -> int:
+    """A file's size, or the total size of the files in a (sharded checkpoint) directory."""
+    if not path.is_dir():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
 def inspect_row(path: pathlib.Path) -> dict:
     """What one file is: its epoch, the strategies that chose it, timestamp, size; or why it is unreadable."""
     row = {"path": str(path), "file": path.name, "size": None, "epoch": None, "timestamp": None,
            "archived": False, "saves": [], "error": None}
     try:
-        row["size"] = path.stat().st_size
+        row["size"] = _disk_size(path)
         metadata = read_metadata(path)
     except (CheckpointError, OSError) as error:
         row["error"] = str(error).replace(f"{path}: ", "", 1)
@@ -71,19 +80,34 @@ def inspect_row(path: pathlib.Path) -> dict:
         timestamp=metadata.get("timestamp"),
         archived=any(archived_of(path.name, str(entry.get("filename", ""))) for entry in saves),
         saves=[
-            {key: _json_number(entry.get(key)) for key in ("metric_name", "mode", "filename", "value", "previous")}
+            {key: _json_number(entry.get(key)) for key in _ENTRY_KEYS if key in entry}
             for entry in saves
         ],
     )
     return row
 
 
+_ENTRY_KEYS = ("metric_name", "mode", "every_n_epochs", "filename", "value", "previous")
+
+
+def _describe_entry(entry: Mapping) -> str:
+    if entry.get("every_n_epochs") is not None:
+        return f"every {entry['every_n_epochs']} epochs"
+    value = entry.get("value")
+    return f"{entry.get('metric_name')}={value:.4g}" if isinstance(value, (int, float)) else str(entry.get("metric_name"))
+
+
+def _sharded_dirs(directory: pathlib.Path) -> list[pathlib.Path]:
+    """The sharded checkpoint directories (``*.dcp``) directly inside ``directory``."""
+    return sorted(p for p in directory.glob("*" + DCP_SUFFIX) if p.is_dir() and not p.name.startswith("."))
+
+
 def _files(paths: Sequence[str]) -> list[pathlib.Path]:
     found = []
     for name in paths:
         path = pathlib.Path(name)
-        if path.is_dir():
-            found += [path / child for child in visible_files(path)]
+        if path.is_dir() and path.suffix != DCP_SUFFIX:
+            found += sorted([path / child for child in visible_files(path)] + _sharded_dirs(path))
         elif path.exists():
             found.append(path)
         else:
@@ -96,7 +120,7 @@ def _chosen_by(row: dict) -> str:
         return f"unreadable: {row['error']}"
     if not row["saves"]:
         return "-"
-    return ", ".join(f"{s['metric_name']}={s['value']:.4g}" for s in row["saves"])
+    return ", ".join(_describe_entry(entry) for entry in row["saves"])
 
 
 def format_table(rows: Sequence[dict]) -> str:
@@ -159,7 +183,7 @@ def replay(history: Sequence[Mapping], config: Config) -> tuple[object, list[tup
 def _check_metrics_exist(config: Config, history: Sequence[Mapping], source: str) -> None:
     present = _metric_names(history)
     for index, strategy in enumerate(config.strategies):
-        if strategy.metric_name not in present:
+        if isinstance(strategy, Strategy) and strategy.metric_name not in present:
             close = difflib.get_close_matches(strategy.metric_name, sorted(present), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise UserError(
@@ -179,7 +203,9 @@ def plot_replay(history: Sequence[Mapping], per_row, config: Config):
         raise UserError("--plot needs matplotlib: pip install 'ckptfn[plot]'") from None
     from ckptfn._metrics import MISSING, lookup, metric_value
 
-    metrics = list(dict.fromkeys(s.metric_name for s in config.strategies))
+    metrics = list(dict.fromkeys(s.metric_name for s in config.strategies if isinstance(s, Strategy)))
+    if not metrics:
+        raise UserError("--plot: the config watches no metric (only periodic saves): nothing to plot")
     figure, axes = plt.subplots(len(metrics), 1, figsize=(8, 2.6 * len(metrics)), squeeze=False, sharex=True)
     epochs = [epoch for epoch, _ in per_row]
     for axis, name in zip(axes[:, 0], metrics):
@@ -199,6 +225,19 @@ def plot_replay(history: Sequence[Mapping], per_row, config: Config):
     return figure
 
 
+def _save_record(epoch: int, action: Save | Periodic) -> dict:
+    if isinstance(action, Periodic):
+        return {"epoch": epoch, "filename": action.filename, "every_n_epochs": action.strategy.n_epochs}
+    return {"epoch": epoch, "filename": action.filename, "metric_name": action.strategy.metric_name,
+            "value": action.value, "previous": action.previous}
+
+
+def _best_record(strategy: object, best: object) -> dict:
+    if isinstance(strategy, Strategy):
+        return {"metric_name": strategy.metric_name, "mode": strategy.mode, "value": best.value, "epoch": best.epoch}
+    return {"every_n_epochs": strategy.n_epochs, "epoch": best.epoch}
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     history = load_history(args.history)
     try:
@@ -209,24 +248,26 @@ def cmd_replay(args: argparse.Namespace) -> int:
         raise UserError(f"{args.config}: checkpointing is disabled or has no strategies: nothing to replay")
     _check_metrics_exist(config, history, args.history)
     final, per_row = replay(history, config)
-    saves = [
-        {"epoch": epoch, "filename": a.filename, "metric_name": a.strategy.metric_name, "value": a.value,
-         "previous": a.previous}
-        for epoch, actions in per_row for a in actions if isinstance(a, Save)
-    ]
-    bests = {
-        s.filename: {"metric_name": s.metric_name, "mode": s.mode, "value": best.value, "epoch": best.epoch}
-        for s, best in zip(config.strategies, final.bests)
-    }
+    saves = [_save_record(epoch, action) for epoch, actions in per_row for action in actions
+             if isinstance(action, (Save, Periodic))]
+    bests = {strategy.filename: _best_record(strategy, best) for strategy, best in zip(config.strategies, final.bests)}
     if args.json:
         print(json.dumps({"saves": saves, "bests": bests}, indent=2))
     else:
         print(f"replayed {len(history)} epochs of {args.history} with {len(config.strategies)} strategies")
         for save in saves:
-            was = "none" if save["previous"] is None else f"{save['previous']:.6g}"
-            print(f"epoch {save['epoch']:>4}: {save['filename']:<24} {save['metric_name']} {save['value']:.6g} (was {was})")
+            if "every_n_epochs" in save:
+                what = f"every {save['every_n_epochs']} epochs"
+            else:
+                was = "none" if save["previous"] is None else f"{save['previous']:.6g}"
+                what = f"{save['metric_name']} {save['value']:.6g} (was {was})"
+            print(f"epoch {save['epoch']:>4}: {save['filename']:<24} {what}")
         print("final bests:")
         for filename, best in bests.items():
+            if "every_n_epochs" in best:
+                last = "never saved" if best["epoch"] is None else f"last saved at epoch {best['epoch']}"
+                print(f"  {filename:<24} every {best['every_n_epochs']} epochs: {last}")
+                continue
             value = "never saved" if best["value"] is None else f"{best['value']:.6g} at epoch {best['epoch']}"
             print(f"  {filename:<24} {best['metric_name']} ({best['mode']}): {value}")
     if args.plot:

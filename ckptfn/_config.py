@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import attrs
 
 from ckptfn._errors import ConfigError, _join_path
+from ckptfn._every import EVERY_KEYS, Every
 from ckptfn._strategy import Strategy, check_bool
 
 __all__ = ["STRATEGY_KEYS", "Config", "as_config", "parse_strategy"]
@@ -47,8 +48,8 @@ def _duplicate_error(strategies: tuple[Strategy, ...], prefix: str) -> ConfigErr
     )
 
 
-def _to_strategies(value: object) -> tuple[Strategy, ...]:
-    if isinstance(value, Strategy):
+def _to_strategies(value: object) -> tuple[Strategy | Every, ...]:
+    if isinstance(value, (Strategy, Every)):
         return (value,)
     if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
         raise ConfigError(
@@ -57,9 +58,9 @@ def _to_strategies(value: object) -> tuple[Strategy, ...]:
         )
     items = tuple(value)
     for index, item in enumerate(items):
-        if not isinstance(item, Strategy):
+        if not isinstance(item, (Strategy, Every)):
             raise ConfigError(
-                f"expected a Strategy, got {type(item).__name__} {_PLAIN_DATA_HINT}",
+                f"expected a Strategy, got {type(item).__name__} (or an Every) {_PLAIN_DATA_HINT}",
                 f"strategies[{index}]",
             )
     return items
@@ -75,13 +76,16 @@ def _check_unique_filenames(_inst: object, _attribute: attrs.Attribute, value: t
 class Config:
     """An ordered set of strategies; ``enabled=False`` or no strategies turns checkpointing off.
 
+    A strategy is a ``Strategy`` (keep the best for a metric) or an ``Every``
+    (save every n epochs); file names are unique across both.
+
     >>> Config([Strategy("val_loss"), Strategy("val_corr", mode="max")]).active
     True
     >>> Config([Strategy("val_loss")], enabled=False).active
     False
     """
 
-    strategies: tuple[Strategy, ...] = attrs.field(
+    strategies: tuple[Strategy | Every, ...] = attrs.field(
         default=(), converter=_to_strategies, validator=_check_unique_filenames
     )
     enabled: bool = attrs.field(default=True, validator=check_bool)
@@ -97,7 +101,8 @@ class Config:
 
         Accepts ``None`` (disabled), one strategy mapping, a sequence of strategy
         mappings, or ``{"enabled": bool, "strategies": [...]}``; a ``Config``, a
-        ``Strategy`` or ``Strategy`` items in the sequence pass through.
+        ``Strategy``/``Every`` or such items in the sequence pass through. A mapping
+        with ``every_n_epochs`` (instead of ``metric_name``) is an ``Every``.
 
         >>> Config.from_mapping([{"metric_name": "val_corr", "mode": "max"}]).strategies[0].filename
         'best_val_corr.pt'
@@ -106,7 +111,9 @@ class Config:
         >>> Config.from_mapping([{"metric_name": "val_loss", "mdoe": "max"}])
         Traceback (most recent call last):
         ...
-        ckptfn.ConfigError: [0]: unknown key 'mdoe' (did you mean 'mode'?); valid keys: metric_name, mode, filename, overwrite, min_delta
+        ckptfn.ConfigError: [0]: unknown key 'mdoe' (did you mean 'mode'?); valid keys: metric_name, mode, filename, overwrite, min_delta, keep
+        >>> Config.from_mapping([{"metric_name": "val_loss"}, {"every_n_epochs": 2, "filename": "last.ckpt"}]).strategies[1]
+        Every(n_epochs=2, filename='last.ckpt', overwrite=True, keep=None)
         """
         return as_config(obj)
 
@@ -131,20 +138,47 @@ def _unknown_key(key: str, valid: Sequence[str], path: str) -> ConfigError:
     return ConfigError(f"unknown key {key!r}{hint}; valid keys: {', '.join(valid)}", path)
 
 
-def parse_strategy(obj: object, path: str = "") -> Strategy:
-    """One strategy from a mapping of its fields (or a ``Strategy``, passed through).
+def _parse_every(items: list[tuple[str, object]], path: str) -> Every:
+    fields = {}
+    for key, value in items:
+        if key not in EVERY_KEYS:
+            raise _unknown_key(key, EVERY_KEYS, path)
+        if not (key == "filename" and value is None):
+            fields["n_epochs" if key == "every_n_epochs" else key] = value
+    try:
+        return Every(**fields)
+    except ConfigError as error:
+        where = "every_n_epochs" if error.path == "n_epochs" else error.path
+        raise ConfigError(error.detail, where).within(path) from None
 
-    A ``filename`` of None means the default name.
+
+def parse_strategy(obj: object, path: str = "") -> Strategy | Every:
+    """One strategy from a mapping of its fields (or a ``Strategy``/``Every``, passed through).
+
+    A ``filename`` of None means the default name; a mapping with
+    ``every_n_epochs`` instead of ``metric_name`` is an ``Every``.
 
     >>> parse_strategy({"metric_name": "loss_components.concordance", "filename": None}).filename
     'best_loss_components_concordance.pt'
+    >>> parse_strategy({"every_n_epochs": 5, "filename": None})
+    Every(n_epochs=5, filename='last.pt', overwrite=True, keep=None)
     """
-    if isinstance(obj, Strategy):
+    if isinstance(obj, (Strategy, Every)):
         return obj
     if not isinstance(obj, Mapping):
         raise ConfigError(f"expected a strategy mapping, got {type(obj).__name__} {obj!r}", path)
+    items = _items(obj, path)
+    keys = {key for key, _ in items}
+    if "every_n_epochs" in keys:
+        if "metric_name" in keys:
+            raise ConfigError(
+                "a strategy either watches a metric (metric_name) or saves every n epochs "
+                "(every_n_epochs), not both",
+                _join_path(path, "every_n_epochs"),
+            )
+        return _parse_every(items, path)
     fields = {}
-    for key, value in _items(obj, path):
+    for key, value in items:
         if key not in STRATEGY_KEYS:
             raise _unknown_key(key, STRATEGY_KEYS, path)
         if not (key == "filename" and value is None):
@@ -157,7 +191,7 @@ def parse_strategy(obj: object, path: str = "") -> Strategy:
         raise error.within(path) from None
 
 
-def _parse_sequence(obj: object, path: str) -> tuple[Strategy, ...]:
+def _parse_sequence(obj: object, path: str) -> tuple[Strategy | Every, ...]:
     if obj is None:
         return ()
     if isinstance(obj, (str, bytes, Mapping)) or not isinstance(obj, Sequence):
@@ -175,7 +209,7 @@ def _parse_wrapper(obj: Mapping) -> Config:
     fields = dict(_items(obj, ""))
     for key in fields:
         if key not in _WRAPPER_KEYS:
-            raise _unknown_key(key, _WRAPPER_KEYS + STRATEGY_KEYS, "")
+            raise _unknown_key(key, _WRAPPER_KEYS + STRATEGY_KEYS + EVERY_KEYS[:1], "")
     enabled = fields.get("enabled", True)
     if not isinstance(enabled, bool):
         raise ConfigError(f"expected true or false, got {type(enabled).__name__} {enabled!r}", "enabled")
@@ -192,10 +226,10 @@ def as_config(obj: object) -> Config:
         return obj
     if obj is None:
         return Config(enabled=False)
-    if isinstance(obj, Strategy):
+    if isinstance(obj, (Strategy, Every)):
         return Config((obj,))
     if isinstance(obj, Mapping):
-        if any(key in STRATEGY_KEYS for key in obj):
+        if any(key in STRATEGY_KEYS or key in EVERY_KEYS for key in obj):
             return Config((parse_strategy(obj),))
         return _parse_wrapper(obj)
     if isinstance(obj, Sequence) and not isinstance(obj, (str, bytes)):

@@ -1,7 +1,7 @@
 """The seam through which the executor touches the file system.
 
 Every operation that changes the disk (create, write, fsync, replace, link,
-unlink, mkdir) goes through one ``FileSystem`` object, so tests can count the
+symlink, unlink, mkdir) goes through one ``FileSystem`` object, so tests can count the
 operations, fail any one of them, or stop the protocol right after the k-th
 (crash-point testing). ``REAL`` is the one the library uses.
 """
@@ -12,6 +12,7 @@ import errno
 import io
 import os
 import pathlib
+import stat
 from typing import BinaryIO
 
 __all__ = ["REAL", "FileSystem", "LINKS_UNSUPPORTED"]
@@ -131,12 +132,27 @@ class FileSystem:
             return True  # cannot tell: assume alive, never delete its files
         return True
 
+    def symlink(self, text: str, target: pathlib.Path) -> None:
+        """Create ``target`` as a symbolic link holding ``text`` (fails if ``target`` exists)."""
+        os.symlink(text, target)
+
     def copy(self, source: pathlib.Path, target: pathlib.Path) -> None:
-        """Copy ``source`` into a new file ``target`` (exclusive create, fsynced), through the seam."""
-        with open(source, "rb") as src, self.create(target) as dst:
-            while chunk := src.read(_COPY_CHUNK):
-                dst.write(chunk)
-            dst.sync()
+        """Copy ``source`` into a new file ``target`` (exclusive create, fsynced), through the seam.
+
+        A symlink is copied as a symlink, never read through; anything else that is
+        not a regular file (a FIFO, a device) is refused rather than read.
+        """
+        if os.path.islink(source):
+            self.symlink(os.readlink(source), target)
+            return
+        nonblocking = getattr(os, "O_NONBLOCK", 0)
+        with open(source, "rb", opener=lambda name, flags: os.open(name, flags | nonblocking)) as src:
+            if not stat.S_ISREG(os.fstat(src.fileno()).st_mode):
+                raise OSError(errno.EINVAL, "not a regular file, so it cannot be copied", str(source))
+            with self.create(target) as dst:
+                while chunk := src.read(_COPY_CHUNK):
+                    dst.write(chunk)
+                dst.sync()
 
 
 REAL = FileSystem()

@@ -10,14 +10,17 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Mapping, Sequence
 
-from ckptfn._actions import Save
+from ckptfn._actions import Periodic, Save
 from ckptfn._errors import MetricTypeError, PayloadError
 from ckptfn._metrics import element_count, metric_value
 
 __all__ = [
     "FORMAT",
+    "LAYOUTS",
     "RESERVED_KEYS",
     "build_metadata",
+    "compose",
+    "decompose",
     "entry_for",
     "flatten_metrics",
     "save_entry",
@@ -25,7 +28,10 @@ __all__ = [
 ]
 
 FORMAT = "ckptfn/1"
-RESERVED_KEYS = ("format", "epoch", "timestamp", "saves", "metrics", "manager_state", "versions")
+RESERVED_KEYS = ("format", "epoch", "timestamp", "saves", "metrics", "manager_state", "versions", "layout")
+#: How a file holds its payload: ``nested`` (the default, ``{"state_dict": payload, "metadata": ...}``)
+#: or ``flat`` (the payload's own keys beside ``"metadata"``, e.g. a Lightning checkpoint).
+LAYOUTS = ("nested", "flat")
 
 
 def flatten_metrics(metrics: Mapping, prefix: str = "") -> dict[str, float]:
@@ -93,14 +99,19 @@ def to_plain(value: object, path: str = "metadata") -> object:
     raise PayloadError(f"{path}: cannot store {type(value).__name__} as plain data")
 
 
-def save_entry(save: Save) -> dict:
+def save_entry(save: Save | Periodic) -> dict:
     """What a checkpoint records about one strategy that chose it.
 
     >>> from ckptfn._strategy import Strategy
     >>> save_entry(Save(Strategy("val_corr", mode="max"), epoch=4, value=0.8, previous=0.7))["value"]
     0.8
+    >>> from ckptfn._every import Every
+    >>> save_entry(Periodic(Every(2), epoch=5))
+    {'every_n_epochs': 2, 'filename': 'last.pt', 'overwrite': True, 'epoch': 5}
     """
     s = save.strategy
+    if type(save) is Periodic:
+        return {"every_n_epochs": s.n_epochs, "filename": s.filename, "overwrite": s.overwrite, "epoch": save.epoch}
     return {
         "metric_name": s.metric_name,
         "mode": s.mode,
@@ -114,7 +125,7 @@ def save_entry(save: Save) -> dict:
 
 
 def build_metadata(
-    saves: Sequence[Save],
+    saves: Sequence[Save | Periodic],
     *,
     epoch: int | None,
     timestamp: str,
@@ -152,4 +163,53 @@ def entry_for(metadata: Mapping, filename: str) -> Mapping | None:
     for entry in saves:
         if isinstance(entry, Mapping) and entry.get("filename") == filename:
             return entry
+    return None
+
+
+def compose(payload: object, metadata: Mapping) -> dict:
+    """The dict a checkpoint file holds, laid out as ``metadata["layout"]`` says.
+
+    ``nested`` (the default): ``{"state_dict": payload, "metadata": metadata}``.
+    ``flat``: the payload's own keys beside ``"metadata"``, which is how a Lightning
+    checkpoint must look for Lightning's loaders (they read ``checkpoint["state_dict"]``,
+    ``checkpoint["optimizer_states"]``, ... at the top level).
+
+    >>> compose({"w": 1}, {"format": FORMAT})
+    {'state_dict': {'w': 1}, 'metadata': {'format': 'ckptfn/1'}}
+    >>> compose({"state_dict": {"w": 1}, "epoch": 3}, {"format": FORMAT, "layout": "flat"})
+    {'state_dict': {'w': 1}, 'epoch': 3, 'metadata': {'format': 'ckptfn/1', 'layout': 'flat'}}
+    """
+    layout = metadata.get("layout", "nested")
+    if layout == "nested":
+        return {"state_dict": payload, "metadata": dict(metadata)}
+    if layout != "flat":
+        raise ValueError(f"metadata['layout']: {layout!r} is not one of 'nested', 'flat'")
+    if not isinstance(payload, Mapping):
+        raise PayloadError(f"payload: the flat layout needs a mapping, got {type(payload).__name__}")
+    for key in payload:
+        if not isinstance(key, str):
+            raise PayloadError(f"payload: keys must be str in the flat layout, got {type(key).__name__} {key!r}")
+        if key == "metadata":
+            raise PayloadError("payload['metadata']: this top-level key holds ckptfn's metadata in the flat layout")
+    return {**payload, "metadata": dict(metadata)}
+
+
+def decompose(loaded: object) -> tuple[object, Mapping] | None:
+    """``(payload, metadata)`` of what a checkpoint file held; None if it is not a ckptfn checkpoint.
+
+    >>> decompose(compose({"state_dict": {}, "epoch": 3}, {"format": FORMAT, "layout": "flat"}))[0]
+    {'state_dict': {}, 'epoch': 3}
+    >>> decompose({"state_dict": {}, "metadata": {"format": FORMAT}, "extra": 1}) is None
+    True
+    """
+    if not isinstance(loaded, dict):
+        return None
+    metadata = loaded.get("metadata")
+    if not isinstance(metadata, Mapping) or metadata.get("format") != FORMAT:
+        return None
+    layout = metadata.get("layout", "nested")
+    if layout == "nested" and set(loaded) == {"state_dict", "metadata"}:
+        return loaded["state_dict"], metadata
+    if layout == "flat":
+        return {key: value for key, value in loaded.items() if key != "metadata"}, metadata
     return None

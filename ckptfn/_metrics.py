@@ -47,7 +47,7 @@ def lookup(metrics: Mapping, name: str) -> object:
     if not dot or head not in metrics:
         return MISSING
     inner = metrics[head]
-    return lookup(inner, rest) if isinstance(inner, Mapping) else MISSING
+    return lookup(inner, rest) if isinstance(inner, dict) or isinstance(inner, Mapping) else MISSING
 
 
 def _type_name(value: object) -> str:
@@ -70,6 +70,8 @@ def element_count(value: object) -> int | None:
 
 def _as_real(value: object) -> float | None:
     """``value`` as a Python float if it is a real, non-bool number (Python or numpy scalar)."""
+    if type(value) is float:  # the common case, without the slow abstract-base-class check below
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return None  # numpy.bool_ is not a numbers.Real either
     try:
@@ -98,7 +100,10 @@ def metric_value(name: str, value: object) -> float:
     count = element_count(value)
     item = getattr(value, "item", None)
     if count == 1 and callable(item) and not isinstance(value, (str, bytes, Mapping)):
-        result = _as_real(item())
+        try:
+            result = _as_real(item())
+        except Exception:  # noqa: BLE001 - e.g. a meta or nested tensor has no value to read
+            result = None
         if result is not None:
             return result
     shown = repr(value)

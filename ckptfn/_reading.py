@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import os
 import pathlib
+import stat
 import warnings
+import zipfile
 from collections.abc import Iterable, Mapping
 
 import torch
 
 from ckptfn._errors import CheckpointError, CheckpointNotFoundError
 from ckptfn._config import as_config
-from ckptfn._metadata import FORMAT
+from ckptfn._metadata import FORMAT, decompose
+from ckptfn._sharded import DCP_SUFFIX, dcp_name, is_sharded_checkpoint, load_consolidated, read_sharded_metadata
 from ckptfn._state import State, restore_from_saves
 
 _ZIP_MAGIC = b"PK\x03\x04"  # every file torch.save writes (and so every ckptfn file) is a zip archive
@@ -49,6 +52,12 @@ def _not_found(path: pathlib.Path) -> CheckpointNotFoundError:
         present = visible_files(directory)
         listing = ", ".join(present[:20]) + (", ..." if len(present) > 20 else "")
         message = f"{path}: no such checkpoint; {directory} holds: {listing or 'no checkpoint files'}"
+        sharded = directory / dcp_name(path.name)
+        if sharded != path and sharded.is_dir():
+            message += (
+                f"; a sharded checkpoint is at {sharded} (ckptfn.load_checkpoint({str(sharded)!r}) loads it whole, "
+                "ckptfn.load_sharded(path, state_dict) into a sharded state dict)"
+            )
     return CheckpointNotFoundError(message, str(path))
 
 
@@ -58,6 +67,31 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {line[:200]}" if line else type(error).__name__
 
 
+def _check_members(path: pathlib.Path, file) -> None:
+    """Refuse zip members torch.save never writes, before torch allocates memory for them.
+
+    torch.save stores every member uncompressed, inside the file. A compressed
+    member could expand a thousandfold (a zip bomb), and a header claiming more
+    bytes than the file holds is damage or an attack.
+    """
+    size = os.fstat(file.fileno()).st_size
+    try:
+        members = zipfile.ZipFile(file).infolist()
+    except Exception as error:  # zipfile raises many types for damaged archives
+        raise CheckpointError(f"{path}: not a ckptfn checkpoint (damaged zip archive: {_first_line(error)})") from error
+    for member in members:
+        if member.compress_type != zipfile.ZIP_STORED:
+            raise CheckpointError(
+                f"{path}: zip member {member.filename!r} is compressed, which torch.save never does "
+                "(refused: it could be a zip bomb)"
+            )
+        if member.file_size != member.compress_size or member.header_offset + member.compress_size > size:
+            raise CheckpointError(
+                f"{path}: zip member {member.filename!r} claims {member.file_size} bytes, more than the "
+                f"{size}-byte file holds"
+            )
+
+
 def _load(path: str | os.PathLike, **options) -> dict:
     path = pathlib.Path(path)
     if not os.path.lexists(path):
@@ -65,8 +99,13 @@ def _load(path: str | os.PathLike, **options) -> dict:
     if path.is_dir():
         raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
     try:
-        with open(path, "rb") as file:
+        # O_NONBLOCK: a FIFO planted at a checkpoint name must not block us (it is refused below)
+        with open(path, "rb", opener=lambda name, flags: os.open(name, flags | getattr(os, "O_NONBLOCK", 0))) as file:
+            if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+                raise CheckpointError(f"{path}: not a regular file (a FIFO, device or socket is never a checkpoint)")
             magic = file.read(4)
+            if magic == _ZIP_MAGIC:
+                _check_members(path, file)
     except OSError as error:
         raise CheckpointError(f"{path}: cannot be read ({_first_line(error)})") from error
     if magic != _ZIP_MAGIC:
@@ -76,52 +115,66 @@ def _load(path: str | os.PathLike, **options) -> dict:
         loaded = torch.load(path, weights_only=True, **options)
     except Exception as error:  # torch raises many types for corrupt or unsafe files
         raise CheckpointError(f"{path}: cannot be loaded safely ({_first_line(error)})") from error
-    if not (
-        isinstance(loaded, dict)
-        and set(loaded) == {"state_dict", "metadata"}
-        and isinstance(loaded["metadata"], Mapping)
-        and loaded["metadata"].get("format") == FORMAT
-    ):
+    parts = decompose(loaded)  # the nested layout, or the flat one of Lightning checkpoints
+    if parts is None:
         raise CheckpointError(
             f"{path}: not a ckptfn checkpoint (no {FORMAT!r} metadata); "
             "a plain torch.save file loads with torch.load(path, weights_only=True)"
         )
-    return loaded
+    return {"state_dict": parts[0], "metadata": parts[1]}
+
+
+def _is_sharded(path: str | os.PathLike) -> bool:
+    """A sharded checkpoint directory (or one named like it, whose errors then say what it lacks)."""
+    return is_sharded_checkpoint(path) or (os.path.isdir(path) and pathlib.Path(path).suffix == DCP_SUFFIX)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: object = "cpu") -> tuple[object, dict]:
     """``(state_dict, metadata)`` of a ckptfn checkpoint, loaded with ``weights_only=True``.
 
     Raises ``CheckpointNotFoundError`` (listing what the directory does hold) or
-    ``CheckpointError`` for corrupt, foreign or unsafe files.
+    ``CheckpointError`` for corrupt, foreign or unsafe files. A sharded checkpoint
+    directory (``best_loss.dcp``) is loaded whole, into plain CPU tensors, in this
+    process; to load it into sharded tensors use ``ckptfn.load_sharded``.
     """
+    if _is_sharded(path):
+        return load_consolidated(path)
     loaded = _load(path, map_location=map_location)
     return loaded["state_dict"], loaded["metadata"]
 
 
 def read_metadata(path: str | os.PathLike) -> dict:
-    """The metadata of a checkpoint without reading its tensor data (memory-mapped load)."""
+    """The metadata of a checkpoint (file or sharded directory) without reading its tensor data."""
+    if _is_sharded(path):
+        return read_sharded_metadata(path)
     return _load(path, map_location="cpu", mmap=True)["metadata"]
 
 
 def saved_metadata(directory: str | os.PathLike, filenames: Iterable[str]) -> dict[str, dict | None]:
     """The metadata of each named file in ``directory``; None when missing or unreadable.
 
+    A name's sharded checkpoint (``best_loss.pt`` -> ``best_loss.dcp/``) counts too;
+    when both exist the newer one (by metadata timestamp) is the truth.
     An unreadable file gives a ``UserWarning`` naming it: the strategy that owns
     it starts fresh, and the file is left untouched.
     """
     directory = pathlib.Path(directory)
     found: dict[str, dict | None] = {}
     for name in filenames:
-        path = directory / name
-        try:
-            found[name] = read_metadata(path)
-        except CheckpointNotFoundError:
-            found[name] = None
-        except CheckpointError as error:
-            warnings.warn(f"ignoring unreadable checkpoint while resuming: {error}", stacklevel=3)
-            found[name] = None
+        candidates = dict.fromkeys((directory / name, directory / dcp_name(name)))
+        saved = [meta for meta in map(_metadata_or_none, candidates) if meta is not None]
+        found[name] = max(saved, key=lambda meta: str(meta.get("timestamp") or ""), default=None)
     return found
+
+
+def _metadata_or_none(path: pathlib.Path) -> dict | None:
+    try:
+        return read_metadata(path)
+    except CheckpointNotFoundError:
+        return None
+    except CheckpointError as error:
+        warnings.warn(f"ignoring unreadable checkpoint while resuming: {error}", stacklevel=4)
+        return None
 
 
 def restore_from_directory(config: object, directory: str | os.PathLike) -> State:

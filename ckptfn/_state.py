@@ -1,5 +1,8 @@
 """The decision state: the best value each strategy has saved, and how it round-trips.
 
+A metric ``Strategy`` has a ``Best`` (value and epoch); an ``Every`` has a ``Last``
+(the epoch of its last periodic save).
+
 Pure. ``State.to_dict()`` is plain data (it survives JSON and
 ``torch.load(weights_only=True)``); ``restore`` rebuilds a ``State`` from it for
 a possibly changed configuration and rejects malformed data with a ``ConfigError``
@@ -16,9 +19,10 @@ import attrs
 
 from ckptfn._config import Config, as_config
 from ckptfn._errors import ConfigError
+from ckptfn._every import Every
 from ckptfn._metadata import entry_for
 
-__all__ = ["STATE_FORMAT", "Best", "State", "restore", "restore_from_saves"]
+__all__ = ["STATE_FORMAT", "Best", "Last", "State", "restore", "restore_from_saves", "resume_state"]
 
 STATE_FORMAT = "ckptfn.state/1"
 
@@ -50,11 +54,24 @@ class Best:
     )
 
 
+@attrs.frozen
+class Last:
+    """An ``Every`` strategy's state: the epoch of its last periodic save (None before)."""
+
+    epoch: int | None = attrs.field(default=None, validator=_check_count)
+
+
 _NOTHING_SAVED = Best()
+_NEVER_SAVED = Last()
 
 
-def _fresh_bests(state: State) -> tuple[Best, ...]:
-    return (_NOTHING_SAVED,) * len(state.config.strategies)
+def fresh(strategy: object) -> Best | Last:
+    """The state of a strategy that has saved nothing yet."""
+    return _NEVER_SAVED if type(strategy) is Every else _NOTHING_SAVED
+
+
+def _fresh_bests(state: State) -> tuple[Best | Last, ...]:
+    return tuple(fresh(strategy) for strategy in state.config.strategies)
 
 
 def _check_bests(inst: State, _attribute: attrs.Attribute, bests: tuple) -> None:
@@ -62,17 +79,21 @@ def _check_bests(inst: State, _attribute: attrs.Attribute, bests: tuple) -> None
         raise ConfigError(
             f"{len(bests)} bests for {len(inst.config.strategies)} strategies", "bests"
         )
-    for index, best in enumerate(bests):
-        if not isinstance(best, Best):
-            raise ConfigError(f"expected a Best, got {type(best).__name__}", f"bests[{index}]")
+    for index, (strategy, best) in enumerate(zip(inst.config.strategies, bests)):
+        expected = Last if type(strategy) is Every else Best
+        if type(best) is not expected:
+            raise ConfigError(
+                f"expected a {expected.__name__}, got {type(best).__name__}", f"bests[{index}]"
+            )
 
 
 @attrs.frozen
 class State:
-    """The configuration, one ``Best`` per strategy (same order), and the number of steps taken."""
+    """The configuration, one ``Best`` (or ``Last`` for an ``Every``) per strategy, in the
+    same order, and the number of steps taken."""
 
     config: Config = attrs.field(validator=attrs.validators.instance_of(Config))
-    bests: tuple[Best, ...] = attrs.field(
+    bests: tuple[Best | Last, ...] = attrs.field(
         default=attrs.Factory(_fresh_bests, takes_self=True), converter=tuple, validator=_check_bests
     )
     steps: int = attrs.field(default=0, validator=_check_count)
@@ -89,10 +110,21 @@ class State:
             "steps": self.steps,
             "enabled": self.config.enabled,
             "strategies": [
-                {**attrs.asdict(strategy), "best": best.value, "best_epoch": best.epoch}
-                for strategy, best in zip(self.config.strategies, self.bests)
+                _entry(strategy, best) for strategy, best in zip(self.config.strategies, self.bests)
             ],
         }
+
+
+def _entry(strategy: object, best: Best | Last) -> dict:
+    if type(strategy) is Every:
+        return {
+            "every_n_epochs": strategy.n_epochs,
+            "filename": strategy.filename,
+            "overwrite": strategy.overwrite,
+            "keep": strategy.keep,
+            "last_epoch": best.epoch,
+        }
+    return {**attrs.asdict(strategy), "best": best.value, "best_epoch": best.epoch}
 
 
 def _require(data: Mapping, key: str, path: str, check, expected: str) -> object:
@@ -118,9 +150,14 @@ def _is_optional_count(value: object) -> bool:
 
 
 def _is_optional_finite(value: object) -> bool:
-    return value is None or (
-        isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-    )
+    if value is None:
+        return True
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond the float range (e.g. from a hostile file)
+        return False
 
 
 def _saved_best(entry: object, path: str) -> tuple[tuple[str, str, str], Best]:
@@ -139,10 +176,20 @@ def _saved_best(entry: object, path: str) -> tuple[tuple[str, str, str], Best]:
     return identity, best
 
 
+def _saved_entry(entry: object, path: str) -> tuple[tuple, Best | Last]:
+    """Parse one saved entry (a metric strategy's or an ``Every``'s) into its identity and state."""
+    if not (isinstance(entry, Mapping) and "every_n_epochs" in entry):
+        return _saved_best(entry, path)
+    filename = _require(entry, "filename", path, _is_str, "a str")
+    epoch = _require(entry, "last_epoch", path, _is_optional_count, "an int >= 0 or None")
+    return ("every", filename), Last(epoch)
+
+
 def restore(config: object, data: object) -> State:
     """Rebuild a ``State`` for ``config`` from ``State.to_dict()`` output.
 
-    A strategy whose ``(metric_name, mode, filename)`` is unchanged keeps its best;
+    A strategy whose ``(metric_name, mode, filename)`` is unchanged keeps its best
+    (an ``Every`` keeps its last save epoch if its filename is unchanged);
     a new or changed strategy starts fresh; strategies no longer configured are
     dropped. ``data=None`` means nothing was saved: a fresh state.
 
@@ -168,20 +215,31 @@ def restore(config: object, data: object) -> State:
     )
     saved = {}
     for index, entry in enumerate(entries):
-        identity, best = _saved_best(entry, f"strategies[{index}]")
-        filename = identity[2]
+        identity, best = _saved_entry(entry, f"strategies[{index}]")
+        filename = identity[-1]
         if filename in saved:
             raise ConfigError(f"{filename!r} appears twice", f"strategies[{index}].filename")
         saved[filename] = (identity, best)
     bests = []
     for strategy in config.strategies:
-        identity, best = saved.get(strategy.filename, (None, _NOTHING_SAVED))
-        bests.append(best if identity == strategy.identity else _NOTHING_SAVED)
+        identity, best = saved.get(strategy.filename, (None, None))
+        bests.append(best if identity == strategy.identity else fresh(strategy))
     return State(config, bests, steps)
 
 
-def _best_from_file(strategy, metadata: Mapping | None) -> Best:
+def _last_from_file(every: Every, metadata: Mapping | None) -> Last:
+    """The last periodic save an ``Every`` can trust from the file at its name."""
+    entry = entry_for(metadata, every.filename) if isinstance(metadata, Mapping) else None
+    if entry is None or "every_n_epochs" not in entry:
+        return _NEVER_SAVED
+    epoch = entry.get("epoch", metadata.get("epoch"))
+    return Last(epoch) if _is_count(epoch) else _NEVER_SAVED
+
+
+def _best_from_file(strategy, metadata: Mapping | None) -> Best | Last:
     """The best a strategy can trust from the file at its name (fresh if it cannot)."""
+    if type(strategy) is Every:
+        return _last_from_file(strategy, metadata)
     if not isinstance(metadata, Mapping):
         return _NOTHING_SAVED
     entry = entry_for(metadata, strategy.filename)
@@ -213,3 +271,28 @@ def restore_from_saves(config: object, found: Mapping[str, Mapping | None], step
     bests = tuple(_best_from_file(s, found.get(s.filename)) for s in config.strategies)
     newest = max((best.epoch + 1 for best in bests if best.epoch is not None), default=0)
     return State(config, bests, max(steps, newest))
+
+
+def resume_state(saved: State, on_disk: State) -> State:
+    """The state to continue with after restoring ``saved`` (from the checkpoint resumed
+    from) in a directory whose files give ``on_disk`` (``restore_from_saves``).
+
+    A metric strategy takes its best from the files, so a better file written after
+    that checkpoint (say, just before a crash) is never replaced by a worse one, and a
+    strategy whose file is missing saves again. An ``Every`` keeps ``saved``'s last
+    save: periodic saves follow the resumed run, not files from a run abandoned later.
+
+    >>> from ckptfn._strategy import Strategy
+    >>> config = Config([Strategy("val_loss"), Every(2)])
+    >>> saved = State(config, [Best(0.5, 3), Last(3)], steps=4)
+    >>> on_disk = State(config, [Best(0.25, 6), Last(7)], steps=8)
+    >>> resume_state(saved, on_disk).bests, resume_state(saved, on_disk).steps
+    ((Best(value=0.25, epoch=6), Last(epoch=3)), 4)
+    """
+    if saved.config != on_disk.config:
+        raise ValueError("resume_state: both states must have the same config")
+    bests = tuple(
+        own if type(strategy) is Every else disk
+        for strategy, own, disk in zip(saved.config.strategies, saved.bests, on_disk.bests)
+    )
+    return State(saved.config, bests, saved.steps)

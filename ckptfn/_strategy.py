@@ -13,7 +13,7 @@ import attrs
 
 from ckptfn._errors import ConfigError
 
-__all__ = ["MODES", "Strategy", "check_bool", "default_filename"]
+__all__ = ["MODES", "Strategy", "check_bool", "check_filename", "check_keep", "default_filename", "to_keep"]
 
 MODES = ("min", "max")
 
@@ -36,6 +36,10 @@ def _check_mode(_inst: object, attribute: attrs.Attribute, value: object) -> Non
         raise _fail(attribute.name, f"{value!r} is not one of 'min', 'max'")
 
 
+#: Longest file name (UTF-8 bytes) a strategy may use, so its temporary and archive names fit in 255.
+MAX_FILENAME_BYTES = 160
+
+
 def _check_filename(_inst: object, attribute: attrs.Attribute, value: object) -> None:
     if not isinstance(value, str):
         raise _fail(attribute.name, f"expected a str, got {type(value).__name__} {value!r}")
@@ -51,6 +55,41 @@ def _check_filename(_inst: object, attribute: attrs.Attribute, value: object) ->
         )
     if len(value) >= 2 and value[0].isalpha() and value[1] == ":":
         raise _fail(attribute.name, f"{value!r} looks like a drive path: it must be a plain file name")
+    try:
+        size = len(value.encode("utf-8", "surrogateescape"))
+    except UnicodeEncodeError as error:
+        raise _fail(attribute.name, f"{value!r} cannot be a file name ({error.reason})") from None
+    if size > MAX_FILENAME_BYTES:
+        raise _fail(
+            attribute.name,
+            f"{value[:40]!r}... is {size} bytes long, more than {MAX_FILENAME_BYTES}: temporary and archive "
+            "names add up to 95 bytes to it, and file systems allow 255",
+        )
+
+
+#: The rules of a checkpoint file name (plain, not hidden); ``Every`` uses them too.
+check_filename = _check_filename
+
+
+def to_keep(value: object) -> object:
+    """``keep`` as an int when it is an integral number (numpy, OmegaConf), else unchanged for the validator."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    return value
+
+
+def check_keep(inst: object, attribute: attrs.Attribute, value: object) -> None:
+    """``keep`` is None (keep every version) or an int >= 1, and needs ``overwrite=False``."""
+    if value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise _fail(attribute.name, f"expected an int >= 1 or None, got {type(value).__name__} {value!r}")
+    if getattr(inst, "overwrite", False) is True:
+        raise _fail(
+            attribute.name,
+            f"keep={value} limits the archived versions, so it needs overwrite=False "
+            "(overwrite=True always keeps exactly one version)",
+        )
 
 
 def check_bool(_inst: object, attribute: attrs.Attribute, value: object) -> None:
@@ -61,7 +100,10 @@ def check_bool(_inst: object, attribute: attrs.Attribute, value: object) -> None
 def _to_min_delta(value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise _fail("min_delta", f"expected a number, got {type(value).__name__} {value!r}")
-    result = float(value)
+    try:
+        result = float(value)
+    except OverflowError:  # an int beyond the float range
+        result = math.inf
     if not math.isfinite(result) or result < 0:
         raise _fail("min_delta", f"must be a finite number >= 0, got {value!r}")
     return result
@@ -93,9 +135,16 @@ class Strategy:
         overwrite: replace the file on each improvement (``True``) or keep every
             earlier best under a timestamped name (``False``).
         min_delta: an improvement must beat the best by more than this.
+        keep: with ``overwrite=False``, keep at most this many versions (the file
+            plus ``keep - 1`` archived ones; the oldest archived are deleted after
+            each new version is committed). None keeps every version.
 
     >>> Strategy("loss_components.concordance")
-    Strategy(metric_name='loss_components.concordance', mode='min', filename='best_loss_components_concordance.pt', overwrite=True, min_delta=0.0)
+    Strategy(metric_name='loss_components.concordance', mode='min', filename='best_loss_components_concordance.pt', overwrite=True, min_delta=0.0, keep=None)
+    >>> Strategy("val_loss", keep=3)
+    Traceback (most recent call last):
+    ...
+    ckptfn.ConfigError: keep: keep=3 limits the archived versions, so it needs overwrite=False (overwrite=True always keeps exactly one version)
     """
 
     metric_name: str = attrs.field(validator=_check_metric_name)
@@ -105,6 +154,7 @@ class Strategy:
     )
     overwrite: bool = attrs.field(default=True, validator=check_bool)
     min_delta: float = attrs.field(default=0.0, converter=_to_min_delta)
+    keep: int | None = attrs.field(default=None, converter=to_keep, validator=check_keep)
 
     @property
     def identity(self) -> tuple[str, str, str]:

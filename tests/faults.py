@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+import os
+import signal
 
 from ckptfn._fs import FileSystem
 
@@ -45,6 +47,10 @@ class RecordingFS(FileSystem):
     def link(self, source, target):
         self._before("link", (source, target))
         return super().link(source, target)
+
+    def symlink(self, text, target):
+        self._before("symlink", (text, target))
+        return super().symlink(text, target)
 
     def unlink(self, path):
         self._before("unlink", (path,))
@@ -90,3 +96,46 @@ class NoLinksFS(RecordingFS):
     def link(self, source, target):
         self._before("link", (source, target))
         raise OSError(errno.EPERM, "Operation not permitted (no hard links here)")
+
+
+# --- added for the reliability suite (tests/reliability/) ------------------------------------
+
+
+class KillFS(RecordingFS):
+    """Performs the first ``stop_after`` mutating operations, then the process SIGKILLs itself.
+
+    A real crash at exactly the point where ``CrashFS(stop_after)`` raises ``Crash``:
+    run it in a forked child and compare what the two leave on disk.
+    """
+
+    def __init__(self, stop_after: int) -> None:
+        super().__init__()
+        self.stop_after = stop_after
+
+    def _before(self, name, args):
+        if len(self.ops) >= self.stop_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+        super()._before(name, args)
+
+
+class CrashNoLinksFS(CrashFS, NoLinksFS):
+    """``CrashFS`` on a file system without hard links (archives and extra names are copies)."""
+
+
+class KillNoLinksFS(KillFS, NoLinksFS):
+    """``KillFS`` on a file system without hard links."""
+
+
+class HookFS(RecordingFS):
+    """Calls ``hook()`` just before the ``at``-th call of operation ``op`` (0-based), then carries on."""
+
+    def __init__(self, op: str, at: int, hook) -> None:
+        super().__init__()
+        self.op, self.at, self.seen, self.hook = op, at, 0, hook
+
+    def _before(self, name, args):
+        if name == self.op:
+            self.seen += 1
+            if self.seen - 1 == self.at:
+                self.hook()
+        super()._before(name, args)

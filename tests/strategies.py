@@ -115,3 +115,39 @@ def runs(draw, *, min_delta=min_deltas, max_size: int = 25):
     names = sorted({s.metric_name for s in config.strategies})
     logical = draw(logical_histories(names, max_size=max_size))
     return config, logical, [draw(rendered(epoch)) for epoch in logical]
+
+
+# --- periodic saves and retention (issue 9) ----------------------------------------------------
+
+
+@st.composite
+def everys(draw, filename: str = "last.pt", *, max_n: int = 5) -> ckptfn.Every:
+    """An Every with a random period, overwrite policy and (when archiving) keep."""
+    overwrite = draw(st.booleans())
+    keep = None if overwrite else draw(st.one_of(st.none(), st.integers(1, 4)))
+    return ckptfn.Every(draw(st.integers(1, max_n)), filename=filename, overwrite=overwrite, keep=keep)
+
+
+@st.composite
+def mixed_configs(draw, *, min_delta=min_deltas, max_strategies: int = 4) -> ckptfn.Config:
+    """``configs()`` plus one or two ``Every`` strategies at random positions."""
+    strategies = list(draw(configs(min_delta=min_delta, max_strategies=max_strategies)).strategies)
+    for index in range(draw(st.integers(1, 2))):
+        position = draw(st.integers(0, len(strategies)))
+        strategies.insert(position, draw(everys(filename=f"every{index}.pt")))
+    return ckptfn.Config(tuple(strategies))
+
+
+@st.composite
+def mixed_runs(draw, *, min_delta=min_deltas, max_size: int = 25):
+    """``(config, logical_history, rendered_history)`` for a config with ``Every`` strategies."""
+    config = draw(mixed_configs(min_delta=min_delta))
+    names = sorted({s.metric_name for s in config.strategies if isinstance(s, ckptfn.Strategy)})
+    logical = draw(logical_histories(names, max_size=max_size))
+    return config, logical, [draw(rendered(epoch)) for epoch in logical]
+
+
+#: Strictly increasing epoch numbers with gaps (validation that skips epochs).
+increasing_epochs = st.lists(st.integers(1, 4), max_size=30).map(
+    lambda steps: [sum(steps[: i + 1]) - 1 for i in range(len(steps))]
+)

@@ -284,3 +284,30 @@ def test_progress_bar_on_a_terminal_and_plain_lines_otherwise():
         progress.finish()
     assert "[########......................] epoch 1/4" in terminal.getvalue() and "\r" in terminal.getvalue()
     assert pipe.getvalue() == "epoch 0\n"
+
+
+def test_replay_and_inspect_with_a_periodic_save(tmp_path, history_csv, capsys):
+    config = tmp_path / "every.yaml"
+    config.write_text("strategies:\n  - metric_name: val_loss\n  - every_n_epochs: 2\n    filename: last.pt\n")
+    code, out, err = run(capsys, "replay", str(history_csv), "--config", str(config), "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert [(s["epoch"], s["filename"]) for s in result["saves"] if s["filename"] == "last.pt"] == [(1, "last.pt"), (3, "last.pt")]
+    assert result["bests"]["last.pt"] == {"every_n_epochs": 2, "epoch": 3}
+    code, out, _ = run(capsys, "replay", str(history_csv), "--config", str(config))
+    assert "epoch    3: last.pt                  every 2 epochs" in out and "last saved at epoch 3" in out
+
+    manager = ckptfn.CheckpointManager(tmp_path / "run", ckptfn.Config.from_mapping(load_config_file(config)))
+    for epoch, loss in enumerate([1.0, 0.5]):
+        manager.update({"val_loss": loss}, {}, epoch)
+    code, out, _ = run(capsys, "inspect", str(tmp_path / "run" / "last.pt"))
+    assert code == 0 and "val_loss=0.5, every 2 epochs" in out
+
+
+def test_inspect_lists_sharded_checkpoint_directories(tmp_path, capsys):
+    manager = ckptfn.CheckpointManager(tmp_path, [{"metric_name": "val_loss", "filename": "best_loss.pt"}], sharded=True)
+    manager.update({"val_loss": 0.25}, {"w": __import__("torch").ones(3)}, 4)
+    code, out, _ = run(capsys, "inspect", "--json", str(tmp_path))
+    (row,) = json.loads(out)
+    assert code == 0 and row["file"] == "best_loss.dcp" and row["epoch"] == 4 and row["error"] is None
+    assert row["saves"][0]["value"] == 0.25 and row["size"] > 0

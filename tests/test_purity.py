@@ -22,8 +22,11 @@ PURE = {
     "_version",
     "_naming",
     "_metadata",
+    "_every",
+    "_retention",
+    "_decision",
 }
-EFFECTFUL = {"__init__", "_fs", "_payload", "_executor", "_reading", "_manager", "demo", "__main__", "_cli", "_history"}
+EFFECTFUL = {"__init__", "_fs", "_payload", "_executor", "_reading", "_manager", "_async", "demo", "__main__", "_cli", "_history", "_distributed", "_sharded", "lightning"}
 
 #: What a pure module may import: the standard library's pure parts and attrs/toolz.
 ALLOWED = {

@@ -1,0 +1,63 @@
+"""Retention: which archived versions to delete so that at most ``keep`` versions remain.
+
+Pure. The archived versions of ``best_corr.pt`` are the names
+``best_corr_<UTC stamp>[-n].pt`` (see ``ckptfn._naming``). A stamp is the save
+time of its version in a fixed-width form, so names sort chronologically; a
+``-n`` counter (a name clash) sorts after the plain name of the same stamp.
+
+The executor calls ``plan_prune`` with the directory listing *after* the new
+version is committed, and deletes exactly what it returns: never the current
+file, only the oldest archived versions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from ckptfn._naming import archived_of, split_suffix
+
+__all__ = ["archived_versions", "plan_prune", "version_order"]
+
+
+def version_order(name: str, filename: str) -> tuple[str, int] | None:
+    """The sort key ``(stamp, counter)`` of ``name`` as an archived version of ``filename``, else None.
+
+    >>> version_order("best_corr_20261129T131500123456Z-2.pt", "best_corr.pt")
+    ('20261129T131500123456Z', 2)
+    >>> version_order("best_corr.pt", "best_corr.pt") is None
+    True
+    """
+    if not archived_of(name, filename):
+        return None
+    stem, suffix = split_suffix(filename)
+    stamp, _, counter = name[len(stem) + 1 : len(name) - len(suffix)].partition("-")
+    return stamp, int(counter) if counter else 0
+
+
+def archived_versions(filename: str, names: Iterable[str]) -> tuple[str, ...]:
+    """The archived versions of ``filename`` among ``names``, oldest first.
+
+    >>> archived_versions("a.pt", ["a.pt", "a_20260102T000000000000Z.pt", "b.pt", "a_20260101T000000000000Z.pt"])
+    ('a_20260101T000000000000Z.pt', 'a_20260102T000000000000Z.pt')
+    """
+    keyed = ((version_order(name, filename), name) for name in set(names))
+    return tuple(name for key, name in sorted((k, n) for k, n in keyed if k is not None))
+
+
+def plan_prune(filename: str, keep: int | None, names: Iterable[str]) -> tuple[str, ...]:
+    """The names to delete so that ``filename`` has at most ``keep`` versions: itself plus
+    the ``keep - 1`` newest archived ones. Oldest first; ``keep=None`` deletes nothing.
+
+    >>> names = ["best.pt", "best_20260101T000000000000Z.pt", "best_20260103T000000000000Z.pt",
+    ...          "best_20260102T000000000000Z.pt", "best_20260102T000000000000Z-1.pt", "other.pt"]
+    >>> plan_prune("best.pt", 3, names)
+    ('best_20260101T000000000000Z.pt', 'best_20260102T000000000000Z.pt')
+    >>> plan_prune("best.pt", None, names), plan_prune("best.pt", 9, names)
+    ((), ())
+    """
+    if keep is None:
+        return ()
+    if not isinstance(keep, int) or isinstance(keep, bool) or keep < 1:
+        raise ValueError(f"keep must be an int >= 1 or None, got {keep!r}")
+    versions = archived_versions(filename, names)
+    return versions[: max(len(versions) - (keep - 1), 0)]

@@ -1,0 +1,1 @@
+"""Benchmarks of ckptfn: one table of side-by-side ratios (``python tests/benchmarks/run.py``)."""

@@ -1,0 +1,519 @@
+"""Hostile files: nothing runs, nothing outside the directory is touched, nothing hangs.
+
+Every case runs in a forked child with a timeout (``in_child``), so code that
+would run, a read that would block (a FIFO) or a load that would blow up stays
+in the child and is reported. Kinds:
+
+- a pickle that would execute code, in every container torch knows (raw pickle,
+  zip, legacy format) and through every reader (load, metadata, resume, the
+  archive path of a save);
+- zip bombs: a deflated member that expands 1000:1, and member headers that claim
+  more bytes than the file holds;
+- symlinks planted at a final name (to a file, a FIFO or a directory outside the
+  output directory) and at an archive name, with and without hard links: the
+  save replaces the link and never writes, reads or hard-links through it;
+- strategy filenames with path traversal;
+- odd files at a configured name: FIFOs, directories, metadata with out-of-range
+  values or timestamps, extreme modification times.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import pathlib
+import pickle
+import shutil
+import socket
+import stat
+import struct
+import tempfile
+import warnings
+import zipfile
+from collections.abc import Callable
+
+import torch
+
+import ckptfn
+from ckptfn import CheckpointError, CheckpointManager, CheckpointWriteError, ConfigError, Strategy
+from ckptfn._executor import Target, write_snapshot
+from ckptfn._fs import REAL
+from ckptfn._naming import archive_name, archived_of, temp_name
+
+from tests.faults import NoLinksFS
+from tests.reliability.common import Tally, clock, dead_pid, in_child, payload, payload_problem
+
+SECTION = "input"
+PICKLE = "hostile: pickle that would run code"
+BOMB = "hostile: zip bomb / oversized member header"
+SYMLINK = "hostile: symlink at a final or archive name"
+TRAVERSAL = "hostile: path-traversal filename"
+ODD = "hostile: odd file or metadata at a final name"
+
+LOSS = {"metric_name": "val_loss", "filename": "best.pt"}
+KEEP = {"metric_name": "val_loss", "filename": "best.pt", "overwrite": False}
+
+
+class RunsCommand:
+    """Unpickling this runs a shell command (if the loader lets it)."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+def good_bytes(epoch: int = 0, elements: int = 64) -> bytes:
+    """A genuine ckptfn checkpoint (as ``write_snapshot`` writes it), as bytes."""
+    with tempfile.TemporaryDirectory() as scratch:
+        metadata = {"format": "ckptfn/1", "epoch": epoch, "timestamp": clock(epoch).isoformat(), "saves": []}
+        (path,) = write_snapshot(scratch, [Target("x.pt")], payload(epoch, elements), metadata)
+        return path.read_bytes()
+
+
+def replace_member(data: bytes, member: str, content: bytes, compress: int = zipfile.ZIP_STORED) -> bytes:
+    """The zip archive ``data`` with one member's content replaced (order and names kept)."""
+    source = zipfile.ZipFile(io.BytesIO(data))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as target:
+        for info in source.infolist():
+            body = content if info.filename.endswith(member) else source.read(info.filename)
+            target.writestr(info.filename, body, compress_type=compress if info.filename.endswith(member) else zipfile.ZIP_STORED)
+    return out.getvalue()
+
+
+def evil_variants(marker: pathlib.Path) -> dict[str, bytes]:
+    """Files that run ``touch marker`` if anything unpickles them unsafely."""
+    command = f"touch {marker}"
+    evil = {"state_dict": RunsCommand(command), "metadata": {"format": "ckptfn/1", "epoch": 0, "saves": []}}
+    zipped, legacy = io.BytesIO(), io.BytesIO()
+    torch.save(evil, zipped)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.save(evil, legacy, _use_new_zipfile_serialization=False)
+    exec_pickle = b"cbuiltins\nexec\n(V__import__('os').system(" + repr(command).encode() + b")\ntR."
+    metadata_pickle = pickle.dumps({"state_dict": {}, "metadata": {"format": "ckptfn/1", "saves": [RunsCommand(command)]}})
+    return {
+        "raw pickle": pickle.dumps(evil),
+        "torch.save zip": zipped.getvalue(),
+        "legacy torch format": legacy.getvalue(),
+        "ckptfn file, data.pkl calls builtins.exec": replace_member(good_bytes(), "data.pkl", exec_pickle),
+        "ckptfn file, code inside the metadata": replace_member(good_bytes(), "data.pkl", metadata_pickle),
+    }
+
+
+# --- the readers a hostile file can meet --------------------------------------------------------
+
+
+def _read_load(run: pathlib.Path) -> list:
+    try:
+        ckptfn.load_checkpoint(run / "best.pt")
+    except CheckpointError:
+        return []
+    return [("corruption", "load_checkpoint accepted it")]
+
+
+def _read_metadata(run: pathlib.Path) -> list:
+    try:
+        ckptfn.read_metadata(run / "best.pt")
+    except CheckpointError:
+        return []
+    return [("corruption", "read_metadata accepted it")]
+
+
+def _resume(run: pathlib.Path) -> list:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        manager = CheckpointManager(run, [LOSS], resume=True)
+    best = manager.best_values["best.pt"]
+    return [] if best is None else [("corruption", f"resumed a best of {best} from it")]
+
+
+def _fresh_manager(run: pathlib.Path) -> list:
+    CheckpointManager(run, [LOSS], resume=False)  # looks at existing files to warn about them
+    return []
+
+
+def _archive_save(run: pathlib.Path) -> list:
+    """A save with overwrite=False over it: succeeds, keeps the file byte-identical under an archive name."""
+    original = (run / "best.pt").read_bytes()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        manager = CheckpointManager(run, [KEEP], resume=True)
+    manager.update({"val_loss": -1e300}, payload(1), 1)  # better than any best a file may claim
+    problems = []
+    archives = [name for name in os.listdir(run) if archived_of(name, "best.pt")]
+    if [(run / name).read_bytes() for name in archives] != [original]:
+        problems.append(("lost", f"the old file is not kept byte-identical under one archive name: {archives}"))
+    state_dict, metadata = ckptfn.load_checkpoint(run / "best.pt")
+    if payload_problem(state_dict, metadata) or metadata["epoch"] != 1:
+        problems.append(("corruption", "the new best.pt does not hold the new snapshot"))
+    return problems
+
+
+READERS: dict[str, Callable[[pathlib.Path], list]] = {
+    "load_checkpoint": _read_load,
+    "read_metadata": _read_metadata,
+    "CheckpointManager(resume=True)": _resume,
+    "CheckpointManager(resume=False)": _fresh_manager,
+    "save with overwrite=False over it": _archive_save,
+}
+
+
+def _quietly(base: str, function: Callable, *args) -> object:
+    """(In the forked child.) Temporary directories under ``base``, no "already holds" warnings."""
+    tempfile.tempdir = base
+    logging.getLogger("ckptfn").disabled = True
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol")
+        return function(*args)
+
+
+def _case(tally: Tally, kind: str, name: str, function: Callable, *args, timeout: float = 60.0) -> None:
+    """Run one case in a child; its returned ``(category, message)`` pairs become problems."""
+    tally.tried(SECTION, kind)
+    base = tempfile.mkdtemp(prefix="ckptfn-hostile-case-", dir=_ram())  # removed even if the child hangs
+    try:
+        outcome, value = in_child(_quietly, base, function, *args, timeout=timeout)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    if outcome == "ok":
+        for category, message in value:
+            tally.problem(SECTION, kind, category, f"{name}: {message}")
+    else:
+        tally.problem(SECTION, kind, "unexpected", f"{name}: {outcome} {value}")
+
+
+def pickles(tally: Tally, work: pathlib.Path) -> None:
+    marker = work / "pwned"
+    for variant, data in evil_variants(marker).items():
+        for reader, read in READERS.items():
+            run = work / "pickle"
+            run.mkdir()
+            (run / "best.pt").write_bytes(data)
+            _case(tally, PICKLE, f"{variant} via {reader}", read, run)
+            if marker.exists():
+                tally.problem(SECTION, PICKLE, "unexpected", f"{variant} via {reader}: the code RAN")
+                marker.unlink()
+            shutil.rmtree(run)
+
+
+# --- zip bombs --------------------------------------------------------------------------------
+
+
+def deflated_bomb(mib: int) -> bytes:
+    """A ckptfn-looking checkpoint whose tensor member, deflated, expands ~1000:1 to ``mib`` MiB."""
+    with tempfile.TemporaryDirectory() as scratch:
+        metadata = {"format": "ckptfn/1", "epoch": 0, "timestamp": clock(0).isoformat(), "saves": []}
+        (path,) = write_snapshot(scratch, [Target("x.pt")], {"w": torch.zeros(mib << 18)}, metadata)
+        source = zipfile.ZipFile(path)
+        out = io.BytesIO()
+        with zipfile.ZipFile(out, "w") as target:
+            for info in source.infolist():
+                method = zipfile.ZIP_DEFLATED if info.filename.endswith("data/0") else zipfile.ZIP_STORED
+                entry = zipfile.ZipInfo(info.filename)
+                entry.compress_type = method
+                with source.open(info) as member, target.open(entry, "w", force_zip64=True) as sink:
+                    shutil.copyfileobj(member, sink, 1 << 20)
+        return out.getvalue()
+
+
+def claim_size(data: bytes, member: str, size: int) -> bytes:
+    """``data`` with ``member``'s sizes in its local and central headers set to ``size`` (< 4 GiB)."""
+    patched = bytearray(data)
+    # (signature, offset of the two sizes, of the name's length, of the name) in local and central headers
+    for signature, sizes_at, length_at, name_at in ((b"PK\x03\x04", 18, 26, 30), (b"PK\x01\x02", 20, 28, 46)):
+        at = patched.find(signature)
+        while at != -1:
+            name_length = struct.unpack_from("<H", patched, at + length_at)[0]
+            name = bytes(patched[at + name_at : at + name_at + name_length])
+            if name.endswith(member.encode()):
+                struct.pack_into("<II", patched, at + sizes_at, size, size)
+            at = patched.find(signature, at + 4)
+    return bytes(patched)
+
+
+def _bomb_case(data: bytes, reader: str, budget_mib: int, must_refuse: bool) -> list:
+    """Read a bomb: refused (or, where the damage is in tensor data a reader never reads,
+    at least no other error), within ``budget_mib`` MiB of memory."""
+    import resource
+
+    work = pathlib.Path(tempfile.mkdtemp())
+    (work / "best.pt").write_bytes(data)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    problems = [p for p in READERS[reader](work) if must_refuse or "accepted" not in p[1]]
+    grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024
+    if grown > budget_mib:
+        problems.append(("unexpected", f"reading a {len(data)}-byte file took {grown} MiB of memory"))
+    shutil.rmtree(work)
+    return problems
+
+
+def bombs(tally: Tally, work: pathlib.Path, mib: int = 64) -> None:
+    bomb = deflated_bomb(mib)
+    good = good_bytes(elements=1024)
+    variants = {
+        f"deflated tensor member, {len(bomb) >> 10} KiB -> {mib} MiB": bomb,
+        "data.pkl claims 2 GiB": claim_size(good, "data.pkl", 2**31),
+        "tensor member claims 4 GiB - 1": claim_size(good, "data/0", 2**32 - 1),
+        "tensor member claims 1 byte": claim_size(good, "data/0", 1),
+        "deflated data.pkl": replace_member(good, "data.pkl", _member(good, "data.pkl"), zipfile.ZIP_DEFLATED),
+    }
+    for variant, data in variants.items():
+        for reader in ("load_checkpoint", "read_metadata", "CheckpointManager(resume=True)"):
+            must_refuse = not (variant.endswith("claims 1 byte") and reader != "load_checkpoint")
+            _case(tally, BOMB, f"{variant} via {reader}", _bomb_case, data, reader, mib // 2, must_refuse)
+
+
+def _member(data: bytes, suffix: str) -> bytes:
+    archive = zipfile.ZipFile(io.BytesIO(data))
+    (name,) = [n for n in archive.namelist() if n.endswith(suffix)]
+    return archive.read(name)
+
+
+# --- symlinks -----------------------------------------------------------------------------------
+
+
+def _outside_state(path: pathlib.Path) -> tuple:
+    info = os.lstat(path)
+    content = path.read_bytes() if stat.S_ISREG(info.st_mode) else None
+    return (info.st_ino, info.st_nlink, info.st_mtime_ns, content)
+
+
+def _no_entry_shares(run: pathlib.Path, outside: pathlib.Path) -> list:
+    inode = os.lstat(outside).st_ino
+    shared = [n for n in os.listdir(run) if os.lstat(run / n).st_ino == inode]
+    return [("unexpected", f"{shared} hard-link the outside file")] if shared else []
+
+
+def _symlink_save(kind: str, overwrite: bool, links: bool) -> list:
+    """A symlink at the final name pointing outside; the save must replace the link itself."""
+    work = pathlib.Path(tempfile.mkdtemp())
+    run, outside = work / "run", work / "outside"
+    run.mkdir()
+    if kind == "file":
+        outside.write_bytes(good_bytes(epoch=7))  # a valid checkpoint, so reading through the link would "work"
+    elif kind == "fifo":
+        os.mkfifo(outside)  # opening it for reading would block forever
+    else:
+        outside.mkdir()
+        (outside / "keep.txt").write_text("outside data")
+    os.utime(outside, ns=(10**18, 10**18))
+    before = _outside_state(outside)
+    (run / "best.pt").symlink_to(outside)
+    metadata = {"format": "ckptfn/1", "epoch": 1, "timestamp": clock(1).isoformat(), "saves": []}
+    problems = []
+    try:
+        write_snapshot(run, [Target("best.pt", overwrite)], payload(1), metadata, fs=REAL if links else NoLinksFS())
+    except CheckpointWriteError as error:
+        problems.append(("unexpected", f"the save failed: {error}"))
+    if _outside_state(outside) != before or (kind == "dir" and os.listdir(outside) != ["keep.txt"]):
+        problems.append(("unexpected", "the file outside the directory changed"))
+    if (run / "best.pt").is_symlink() or not (run / "best.pt").is_file():
+        problems.append(("corruption", "best.pt is not a regular file now"))
+    elif ckptfn.read_metadata(run / "best.pt")["epoch"] != 1:
+        problems.append(("corruption", "best.pt does not hold the new snapshot"))
+    problems += _no_entry_shares(run, outside)
+    for name in os.listdir(run):
+        if name != "best.pt" and not (run / name).is_symlink():
+            if kind == "file" and (run / name).read_bytes() == outside.read_bytes():
+                problems.append(("unexpected", f"{name} is a copy of the outside file (the link was followed)"))
+    if not overwrite:
+        kept = [n for n in os.listdir(run) if archived_of(n, "best.pt")]
+        if len(kept) != 1 or not (run / kept[0]).is_symlink() or os.readlink(run / kept[0]) != str(outside):
+            problems.append(("lost", f"the planted link is not kept as a link under an archive name: {kept}"))
+    shutil.rmtree(work)
+    return problems
+
+
+def _symlink_read(kind: str, reader: str) -> list:
+    """Readers meeting a link to a FIFO must refuse quickly, not block."""
+    work = pathlib.Path(tempfile.mkdtemp())
+    run = work / "run"
+    run.mkdir()
+    os.mkfifo(work / "fifo")
+    target = work / "fifo" if kind == "symlink to a FIFO" else None
+    if target is None:
+        os.mkfifo(run / "best.pt")
+    else:
+        (run / "best.pt").symlink_to(target)
+    problems = READERS[reader](run) if reader != "save with overwrite=False over it" else []
+    shutil.rmtree(work)
+    return problems
+
+
+def _symlink_at_archive_name() -> list:
+    """A link planted at the archive name the next save will pick, pointing at the current file."""
+    work = pathlib.Path(tempfile.mkdtemp())
+    run = work / "run"
+    old = {"format": "ckptfn/1", "epoch": 0, "timestamp": clock(0).isoformat(), "saves": []}
+    try:
+        write_snapshot(run, [Target("best.pt", False)], payload(0), old)
+        (run / archive_name("best.pt", clock(0))).symlink_to("best.pt")
+        new = {**old, "epoch": 1, "timestamp": clock(1).isoformat()}
+        write_snapshot(run, [Target("best.pt", False)], payload(1), new)
+        epochs = {ckptfn.read_metadata(run / name)["epoch"] for name in os.listdir(run) if not (run / name).is_symlink()}
+    finally:
+        shutil.rmtree(work)
+    return [] if epochs == {0, 1} else [("lost", f"regular files hold epochs {sorted(epochs)}, not 0 and 1")]
+
+
+def symlinks(tally: Tally, work: pathlib.Path) -> None:
+    for kind in ("file", "fifo", "dir"):
+        for overwrite in (True, False):
+            for links in (True, False):
+                name = f"link to an outside {kind}, overwrite={overwrite}, {'hard links' if links else 'no hard links'}"
+                _case(tally, SYMLINK, name, _symlink_save, kind, overwrite, links, timeout=30)
+    _case(tally, SYMLINK, "link at the next archive name", _symlink_at_archive_name)
+    for reader in ("load_checkpoint", "read_metadata", "CheckpointManager(resume=True)", "CheckpointManager(resume=False)"):
+        for kind in ("FIFO", "symlink to a FIFO"):
+            _case(tally, SYMLINK if kind != "FIFO" else ODD, f"{kind} at best.pt via {reader}", _symlink_read, kind, reader, timeout=20)
+
+
+# --- path traversal -------------------------------------------------------------------------------
+
+TRAVERSALS = (
+    "../escape.pt", "../../escape.pt", "/tmp/escape.pt", "sub/escape.pt", "a/../escape.pt", "..", ".", "...",
+    ".hidden.pt", "..\\escape.pt", "\\\\server\\share\\escape.pt", "C:escape.pt", "c:\\escape.pt",
+    "escape\0.pt", "", "./escape.pt", "escape.pt/", "/",
+)
+
+
+def _traversal(filename: str) -> list:
+    work = pathlib.Path(tempfile.mkdtemp())
+    run = work / "run"
+    problems = []
+    attempts = {
+        "Strategy": lambda: Strategy("val_loss", filename=filename),
+        "Config.from_mapping": lambda: ckptfn.Config.from_mapping([{"metric_name": "val_loss", "filename": filename}]),
+        "CheckpointManager": lambda: CheckpointManager(run, {"metric_name": "val_loss", "filename": filename}),
+        "Target": lambda: Target(filename),
+    }
+    for what, attempt in attempts.items():
+        try:
+            attempt()
+        except ConfigError:
+            continue
+        problems.append(("unexpected", f"{what} accepted {filename!r}"))
+    outside = sorted(str(p.relative_to(work)) for p in work.rglob("*"))
+    if outside:
+        problems.append(("unexpected", f"created {outside}"))
+    shutil.rmtree(work)
+    return problems
+
+
+def traversals(tally: Tally) -> None:
+    for filename in TRAVERSALS:
+        _case(tally, TRAVERSAL, repr(filename), _traversal, filename)
+
+
+# --- odd metadata and files ---------------------------------------------------------------------
+
+ODD_METADATA = {
+    "timestamp before year 1 in UTC": {"timestamp": "0001-01-01T00:00:00+01:00"},
+    "timestamp after year 9999 in UTC": {"timestamp": "9999-12-31T23:59:59-01:00"},
+    "timestamp not a time": {"timestamp": "yesterday"},
+    "timestamp a number": {"timestamp": 12345},
+    "naive timestamp": {"timestamp": "2026-01-01T00:00:00"},
+    "value beyond float": {"saves": [{"filename": "best.pt", "metric_name": "val_loss", "mode": "min", "value": 10**400, "epoch": 0}]},
+    "value NaN": {"saves": [{"filename": "best.pt", "metric_name": "val_loss", "mode": "min", "value": float("nan"), "epoch": 0}]},
+    "value a string": {"saves": [{"filename": "best.pt", "metric_name": "val_loss", "mode": "min", "value": "0.1", "epoch": 0}]},
+    "epoch negative": {"epoch": -3, "saves": [{"filename": "best.pt", "metric_name": "val_loss", "mode": "min", "value": 0.1, "epoch": -3}]},
+    "epoch huge": {"epoch": 10**40, "saves": [{"filename": "best.pt", "metric_name": "val_loss", "mode": "min", "value": 0.1, "epoch": 10**40}]},
+    "saves not a list": {"saves": {"best.pt": 1}},
+    "manager_state garbage": {"manager_state": {"format": "ckptfn.state/1", "steps": 10**100, "strategies": "x"}},
+}
+
+
+def _odd_metadata(extra: dict) -> list:
+    work = pathlib.Path(tempfile.mkdtemp())
+    run = work / "run"
+    run.mkdir()
+    metadata = {"format": "ckptfn/1", "epoch": 0, "timestamp": clock(0).isoformat(), "saves": [], **extra}
+    torch.save({"state_dict": payload(0), "metadata": metadata}, run / "best.pt")
+    problems = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        best = CheckpointManager(run, [LOSS], resume=True).best_values["best.pt"]
+        CheckpointManager(run, [LOSS], resume=False)
+    if best is not None and not (isinstance(best, float) and best == best):
+        problems.append(("corruption", f"resumed an unusable best {best!r}"))
+    problems += _archive_save(run)
+    shutil.rmtree(work)
+    return problems
+
+
+def _extreme_mtime(mtime_ns: int) -> list:
+    """A foreign file with an extreme modification time at an overwrite=False name (archived by mtime)."""
+    work = pathlib.Path(tempfile.mkdtemp())  # under /dev/shm where there is one: tmpfs keeps any mtime
+    run = work / "run"
+    run.mkdir()
+    (run / "best.pt").write_bytes(b"someone's notes")
+    os.utime(run / "best.pt", ns=(mtime_ns, mtime_ns))
+    try:
+        return _archive_save(run)
+    finally:
+        shutil.rmtree(work)
+
+
+def _directory_at_final_name() -> list:
+    work = pathlib.Path(tempfile.mkdtemp())
+    run = work / "run"
+    (run / "best.pt").mkdir(parents=True)
+    (run / "best.pt" / "inside.txt").write_text("data")
+    problems = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        manager = CheckpointManager(run, [LOSS], resume=True)
+    try:
+        manager.update({"val_loss": 0.5}, payload(1), 1)
+        problems.append(("unexpected", "a save over a directory succeeded"))
+    except CheckpointWriteError as error:
+        if str(run / "best.pt") not in str(error):
+            problems.append(("unexpected", f"the error does not name the path: {error}"))
+    if (run / "best.pt" / "inside.txt").read_text() != "data" or [n for n in os.listdir(run) if n.startswith(".")]:
+        problems.append(("lost", "the directory was touched or a temporary file was left"))
+    shutil.rmtree(work)
+    return problems
+
+
+def _stale_temp_that_cannot_be_removed() -> list:
+    """A directory under a dead writer's temporary name: housekeeping must not block saves."""
+    work = pathlib.Path(tempfile.mkdtemp())
+    run = work / "run"
+    (run / temp_name("best.pt", dead_pid(), socket.gethostname(), "ab12")).mkdir(parents=True)
+    try:
+        write_snapshot(run, [Target("best.pt")], payload(1), {"format": "ckptfn/1", "epoch": 1, "saves": []})
+    except CheckpointWriteError as error:
+        return [("unexpected", f"the save failed: {error}")]
+    finally:
+        shutil.rmtree(work)
+    return []
+
+
+def _ram() -> str | None:
+    shm = pathlib.Path("/dev/shm")
+    return str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
+
+
+def odd_files(tally: Tally) -> None:
+    for name, extra in ODD_METADATA.items():
+        _case(tally, ODD, f"metadata: {name}", _odd_metadata, extra)
+    for name, mtime in (("mtime in year 36812", 2**40 * 10**9), ("mtime before year 1", -(2**40) * 10**9), ("mtime 0", 0)):
+        _case(tally, ODD, f"foreign file, {name}", _extreme_mtime, mtime)
+    _case(tally, ODD, "directory at the final name", _directory_at_final_name)
+    _case(tally, ODD, "directory under a dead writer's temporary name", _stale_temp_that_cannot_be_removed)
+
+
+def run(bomb_mib: int = 64) -> Tally:
+    tally = Tally()
+    with tempfile.TemporaryDirectory(prefix="ckptfn-hostile-") as work:
+        work = pathlib.Path(work)
+        pickles(tally, work)
+        bombs(tally, work, bomb_mib)
+        symlinks(tally, work)
+        traversals(tally)
+        odd_files(tally)
+    return tally

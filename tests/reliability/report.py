@@ -1,0 +1,112 @@
+"""Run the whole reliability suite and print one table.
+
+    python tests/reliability/report.py
+
+Faults injected per kind, bad inputs tried per kind, and for each the unexpected
+exceptions (including crashes and hangs), corruptions and data lost, which must
+all be 0. ``--quick`` runs the sizes of the pytest suite instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import platform
+import sys
+import tempfile
+import time
+
+if __name__ == "__main__":  # run as a script: make `tests` importable, then run the module proper
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
+    from tests.reliability.report import main
+
+    sys.exit(main())
+
+import torch
+
+import ckptfn
+from tests.reliability import concurrency, crashpoints, diskfaults, fuzz, hostile, kill
+from tests.reliability.common import Mounts, Tally
+
+SIZES = {
+    "full": {"exhaustive": True, "kill_trials": 30, "kill_mib": (8, 64), "race_seconds": 8.0, "examples": 1500,
+             "filenames": 300, "mutations": 2400},
+    "quick": {"exhaustive": False, "kill_trials": 12, "kill_mib": (1, 4), "race_seconds": 2.0, "examples": 200,
+              "filenames": 80, "mutations": 240},
+}
+
+
+def run_all(size: dict, *, progress=print) -> tuple[Tally, dict[str, str], int, dict[str, float]]:
+    """Every part of the suite; returns the tally, the scenarios this machine could not run, the
+    versions superseded by two writers of one name, and the seconds each part took."""
+    tally, unavailable, seconds = Tally(), {}, {}
+
+    def part(name, function):
+        started = time.monotonic()
+        progress(f"running {name} ...")
+        result = function()
+        seconds[name] = time.monotonic() - started
+        return result
+
+    tally.merge(part("crash points", lambda: crashpoints.run(exhaustive=size["exhaustive"])))
+    tally.merge(part("kills", lambda: kill.run(size["kill_trials"], mib=size["kill_mib"])))
+    with tempfile.TemporaryDirectory(prefix="ckptfn-report-") as work:
+        mounts = Mounts(pathlib.Path(work) / "mounts")
+        try:
+            unavailable.update(part("disk faults", lambda: diskfaults.run(tally, mounts, pathlib.Path(work))))
+        finally:
+            mounts.close()
+    race, superseded = part("concurrency", lambda: concurrency.run(seconds=size["race_seconds"]))
+    tally.merge(race)
+
+    def fuzzers():
+        fuzzed = Tally()
+        fuzz.fuzz_configs(fuzzed, size["examples"])
+        fuzz.fuzz_states(fuzzed, size["examples"])
+        fuzz.fuzz_metrics(fuzzed, size["examples"])
+        fuzz.fuzz_filenames(fuzzed, size["filenames"])
+        fuzz.fuzz_mutations(fuzzed, size["mutations"])
+        return fuzzed
+
+    tally.merge(part("fuzzing", fuzzers))
+    tally.merge(part("hostile files", hostile.run))
+    return tally, unavailable, superseded, seconds
+
+
+def table(tally: Tally) -> str:
+    """One Markdown table: faults, then bad inputs, then the totals."""
+    lines = ["| | tried | unexpected exceptions | corruptions | data lost |", "|---|---:|---:|---:|---:|"]
+    totals = [0, 0, 0, 0]
+    for section, title in (("fault", "**faults injected**"), ("input", "**bad inputs tried**")):
+        lines.append(f"| {title} | | | | |")
+        for (row_section, kind), row in tally.rows.items():
+            if row_section != section:
+                continue
+            counts = (row.tried, row.unexpected, row.corruption, row.lost)
+            nested = kind.startswith("  ")
+            totals = [t + (0 if nested and i == 0 else c) for i, (t, c) in enumerate(zip(totals, counts))]
+            shown = f"&nbsp;&nbsp;{kind.strip()}" if nested else kind
+            lines.append(f"| {shown} | " + " | ".join(str(c) for c in counts) + " |")
+    lines.append("| **total** | " + " | ".join(f"**{t}**" for t in totals) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Run the reliability suite and print one table.")
+    parser.add_argument("--quick", action="store_true", help="the reduced sizes of the pytest suite")
+    args = parser.parse_args(argv)
+    size = SIZES["quick" if args.quick else "full"]
+    started = time.monotonic()
+    tally, unavailable, superseded, seconds = run_all(size, progress=lambda text: print(text, file=sys.stderr))
+    print(f"ckptfn {ckptfn.__version__}, torch {torch.__version__}, Python {platform.python_version()}, "
+          f"{platform.system()} {platform.release()}, {time.monotonic() - started:.0f} s "
+          f"({', '.join(f'{name} {s:.0f} s' for name, s in seconds.items())})")
+    print()
+    print(table(tally))
+    print()
+    for name, reason in unavailable.items():
+        print(f"not run here: {name}: {reason}")
+    print(f"two writers sharing one overwrite=False name: {superseded} versions replaced before they were archived")
+    for problem in tally.problems[:30]:
+        print("  " + problem)
+    return 1 if tally.problems or unavailable else 0
