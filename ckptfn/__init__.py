@@ -3,10 +3,16 @@
 The pure core (``init``, ``step``, ``scan``, ``improved``, the records) decides;
 the executor (``execute``, ``load_checkpoint``, ``read_metadata``) performs its
 actions on disk, crash-safely.
+
+``import ckptfn`` does not import torch: the pure core and ``read_metadata``
+need none, and the names that write checkpoints (``execute``,
+``CheckpointManager``, ``AsyncExecutor``, ``load_sharded``) are imported on
+first use.
 """
 
+import importlib
+
 from ckptfn._actions import Periodic, Save, Skip, improved
-from ckptfn._async import AsyncExecutor
 from ckptfn._config import Config
 from ckptfn._core import Action, best_values, init, new_skips, scan, step
 from ckptfn._errors import (
@@ -19,11 +25,8 @@ from ckptfn._errors import (
     PayloadError,
 )
 from ckptfn._every import Every
-from ckptfn._executor import execute
-from ckptfn._manager import CheckpointManager
 from ckptfn._metrics import MISSING, lookup
 from ckptfn._reading import load_checkpoint, read_metadata, restore_from_directory
-from ckptfn._sharded import load_sharded
 from ckptfn._state import Best, Last, State, restore
 from ckptfn._strategy import Strategy
 from ckptfn._version import __version__
@@ -64,3 +67,24 @@ __all__ = [
     "scan",
     "step",
 ]
+
+#: Names whose modules import torch, loaded on first access (PEP 562).
+_ON_FIRST_USE = {
+    "AsyncExecutor": "ckptfn._async",
+    "CheckpointManager": "ckptfn._manager",
+    "execute": "ckptfn._executor",
+    "load_sharded": "ckptfn._sharded",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _ON_FIRST_USE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ckptfn' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

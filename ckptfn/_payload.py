@@ -46,6 +46,11 @@ class _Walker:
 
     def convert(self, value: object, path: str) -> object:
         kind = type(value)
+        if kind is bytes and not value:
+            raise PayloadError(
+                f"{path}: empty bytes b'' does not load with torch.load(weights_only=True) (torch pickles "
+                "it as a call to bytes()); store bytearray() or None instead"
+            )
         if kind in _ATOMS or kind in _TENSORS:
             return value
         if isinstance(value, torch.Tensor):

@@ -13,11 +13,11 @@ import warnings
 import zipfile
 from collections.abc import Iterable, Mapping
 
-import torch
 
 from ckptfn._errors import CheckpointError, CheckpointNotFoundError
 from ckptfn._config import as_config
 from ckptfn._metadata import FORMAT, decompose
+from ckptfn._peek import peek_metadata
 from ckptfn._sharded import DCP_SUFFIX, dcp_name, is_sharded_checkpoint, load_consolidated, read_sharded_metadata
 from ckptfn._state import State, restore_from_saves
 
@@ -92,7 +92,8 @@ def _check_members(path: pathlib.Path, file) -> None:
             )
 
 
-def _load(path: str | os.PathLike, **options) -> dict:
+def _checked_file(path: str | os.PathLike) -> pathlib.Path:
+    """``path`` as a regular zip file whose members torch.save could have written, else the documented error."""
     path = pathlib.Path(path)
     if not os.path.lexists(path):
         raise _not_found(path)
@@ -111,6 +112,12 @@ def _load(path: str | os.PathLike, **options) -> dict:
     if magic != _ZIP_MAGIC:
         what = "an empty file" if not magic else "not a torch zip archive"
         raise CheckpointError(f"{path}: not a ckptfn checkpoint ({what})")
+    return path
+
+
+def _torch_load(path: pathlib.Path, **options) -> dict:
+    import torch  # here, not at import: reading metadata (ckptfn inspect) does not need torch
+
     try:
         loaded = torch.load(path, weights_only=True, **options)
     except Exception as error:  # torch raises many types for corrupt or unsafe files
@@ -122,6 +129,10 @@ def _load(path: str | os.PathLike, **options) -> dict:
             "a plain torch.save file loads with torch.load(path, weights_only=True)"
         )
     return {"state_dict": parts[0], "metadata": parts[1]}
+
+
+def _load(path: str | os.PathLike, **options) -> dict:
+    return _torch_load(_checked_file(path), **options)
 
 
 def _is_sharded(path: str | os.PathLike) -> bool:
@@ -147,7 +158,11 @@ def read_metadata(path: str | os.PathLike) -> dict:
     """The metadata of a checkpoint (file or sharded directory) without reading its tensor data."""
     if _is_sharded(path):
         return read_sharded_metadata(path)
-    return _load(path, map_location="cpu", mmap=True)["metadata"]
+    path = _checked_file(path)
+    metadata = peek_metadata(path)  # without torch, when the allow-listed reader can vouch for the file
+    if metadata is not None:
+        return metadata
+    return _torch_load(path, map_location="cpu", mmap=True)["metadata"]
 
 
 def saved_metadata(directory: str | os.PathLike, filenames: Iterable[str]) -> dict[str, dict | None]:

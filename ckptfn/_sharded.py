@@ -56,13 +56,11 @@ import types
 import warnings
 from collections.abc import Mapping, Sequence
 
-import torch
 
 from ckptfn._errors import CheckpointError, CheckpointNotFoundError, CheckpointWriteError, PayloadError
 from ckptfn._fs import LINKS_UNSUPPORTED, FileSystem
 from ckptfn._metadata import FORMAT
 from ckptfn._naming import archive_name, host_tag, split_suffix
-from ckptfn._payload import prepare_payload
 from ckptfn._retention import plan_prune
 
 __all__ = [
@@ -280,6 +278,7 @@ class _MetadataUnpickler(pickle.Unpickler):
     """Unpickles DCP's ``.metadata``: DCP's own record classes, torch sizes/dtypes, paths; nothing else."""
 
     def find_class(self, module: str, name: str) -> object:
+        import torch  # lazily: reading ckptfn.json needs no torch
         found = None
         if module in _METADATA_MODULES and not name.startswith("__"):
             candidate = super().find_class(module, name)
@@ -301,6 +300,7 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 
 def _safe_load_bytes(value: io.BytesIO, fqn: str) -> object:
+    import torch  # lazily: reading ckptfn.json needs no torch
     try:
         return torch.load(value, map_location="cpu", weights_only=True)
     except Exception as error:
@@ -310,6 +310,7 @@ def _safe_load_bytes(value: io.BytesIO, fqn: str) -> object:
 @functools.cache
 def _dcp():
     """DCP and ckptfn's safe reader/planners over it, built on first use (imports DCP)."""
+    import torch  # lazily: reading ckptfn.json needs no torch
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import DefaultLoadPlanner, DefaultSavePlanner, FileSystemReader
     from torch.distributed.checkpoint.metadata import StorageMeta
@@ -330,6 +331,7 @@ def _dcp():
     def load_bytes_safely(planner, super_load_bytes, read_item, value):
         # Load with weights_only=True, then hand DCP a re-serialized copy of the (now known
         # to be safe) value: DCP's own load_bytes unpickles without weights_only.
+        import torch  # lazily: reading ckptfn.json needs no torch
         obj = _safe_load_bytes(value, read_item.dest_index.fqn)
         buffer = io.BytesIO()
         torch.save(obj, buffer)
@@ -370,6 +372,7 @@ def _dcp():
 
 
 def _initialized() -> bool:
+    import torch  # lazily: reading ckptfn.json needs no torch
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
@@ -386,12 +389,15 @@ def _single_process_quietly(no_dist: bool):
 
 def _prepare(value: object, path: str) -> object:
     """Tensors (plain or sharded) stay as they are; other values as ``prepare_payload`` makes them."""
+    import torch  # lazily: reading ckptfn.json needs no torch
     if isinstance(value, torch.Tensor):
         return value
     if isinstance(value, Mapping):
         return {key: _prepare(item, f"{path}[{key!r}]") for key, item in value.items()}
     if isinstance(value, (list, tuple)):
         return type(value)(_prepare(item, f"{path}[{index}]") for index, item in enumerate(value))
+    from ckptfn._payload import prepare_payload  # imports torch: only when writing
+
     return prepare_payload(value, path)
 
 

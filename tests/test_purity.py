@@ -26,7 +26,7 @@ PURE = {
     "_retention",
     "_decision",
 }
-EFFECTFUL = {"__init__", "_fs", "_payload", "_executor", "_reading", "_manager", "_async", "demo", "__main__", "_cli", "_history", "_distributed", "_sharded", "lightning"}
+EFFECTFUL = {"__init__", "_fs", "_payload", "_executor", "_reading", "_manager", "_async", "demo", "__main__", "_cli", "_history", "_distributed", "_sharded", "lightning", "_peek"}
 
 #: What a pure module may import: the standard library's pure parts and attrs/toolz.
 ALLOWED = {
