@@ -46,7 +46,7 @@ from ckptfn._executor import Target, log_saves, partition, snapshot_of, write_sn
 from ckptfn._payload import prepare_payload
 from ckptfn._state import State
 
-__all__ = ["AsyncExecutor", "StagingBuffers", "roll_back", "serialization_context"]
+__all__ = ["AsyncExecutor", "ClosesOnExit", "StagingBuffers", "serialization_context"]
 
 logger = logging.getLogger("ckptfn")
 
@@ -235,27 +235,6 @@ class StagingBuffers:
 
 
 # --- rolling back after a failed background write --------------------------------------------
-
-
-def roll_back(state: State, on_disk: State, filenames: Iterable[str]) -> State:
-    """``state`` with the bests of the strategies writing ``filenames`` taken from ``on_disk``.
-
-    Used after a background write failed: those strategies believe again what
-    their files hold (so the next epoch retries); the others and ``steps`` stay.
-
-    >>> from ckptfn import Best, Config, Strategy
-    >>> config = Config([Strategy("val_loss"), Strategy("val_corr", mode="max")])
-    >>> believed = State(config, [Best(0.1, 5), Best(0.9, 5)], steps=6)
-    >>> on_disk = State(config, [Best(0.3, 2), Best(0.9, 5)], steps=6)
-    >>> roll_back(believed, on_disk, ["best_val_loss.pt"]).bests
-    (Best(value=0.3, epoch=2), Best(value=0.9, epoch=5))
-    """
-    names = frozenset(filenames)
-    bests = tuple(
-        disk if strategy.filename in names else mine
-        for strategy, mine, disk in zip(state.config.strategies, state.bests, on_disk.bests)
-    )
-    return State(state.config, bests, state.steps)
 
 
 # --- the background writer -------------------------------------------------------------------

@@ -17,7 +17,7 @@ import pathlib
 import warnings
 from collections.abc import Mapping
 
-from ckptfn._async import AsyncExecutor, ClosesOnExit, roll_back, serialization_context
+from ckptfn._async import AsyncExecutor, ClosesOnExit, serialization_context
 from ckptfn._config import Config, as_config
 from ckptfn._core import best_values, init, new_skips, step
 from ckptfn._distributed import SOLO, find_group, restore_together, save_one_together, update_together
@@ -27,7 +27,7 @@ from ckptfn._executor import Target, log_saves, partition, snapshot_of, versions
 from ckptfn._metadata import build_metadata, entry_for
 from ckptfn._naming import timestamp_iso
 from ckptfn._reading import load_checkpoint, read_metadata, restore_from_directory
-from ckptfn._state import State, restore
+from ckptfn._state import State, restore, roll_back
 
 __all__ = ["CheckpointManager"]
 

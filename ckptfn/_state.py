@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import attrs
 
@@ -22,7 +22,16 @@ from ckptfn._errors import ConfigError
 from ckptfn._every import Every
 from ckptfn._metadata import entry_for
 
-__all__ = ["STATE_FORMAT", "Best", "Last", "State", "restore", "restore_from_saves", "resume_state"]
+__all__ = [
+    "STATE_FORMAT",
+    "Best",
+    "Last",
+    "State",
+    "restore",
+    "restore_from_saves",
+    "resume_state",
+    "roll_back",
+]
 
 STATE_FORMAT = "ckptfn.state/1"
 
@@ -296,3 +305,24 @@ def resume_state(saved: State, on_disk: State) -> State:
         for strategy, own, disk in zip(saved.config.strategies, saved.bests, on_disk.bests)
     )
     return State(saved.config, bests, saved.steps)
+
+
+def roll_back(state: State, on_disk: State, filenames: Iterable[str]) -> State:
+    """``state`` with the bests of the strategies writing ``filenames`` taken from ``on_disk``.
+
+    Used after a background write failed: those strategies believe again what
+    their files hold (so the next epoch retries); the others and ``steps`` stay.
+
+    >>> from ckptfn import Config, Strategy
+    >>> config = Config([Strategy("val_loss"), Strategy("val_corr", mode="max")])
+    >>> believed = State(config, [Best(0.1, 5), Best(0.9, 5)], steps=6)
+    >>> on_disk = State(config, [Best(0.3, 2), Best(0.9, 5)], steps=6)
+    >>> roll_back(believed, on_disk, ["best_val_loss.pt"]).bests
+    (Best(value=0.3, epoch=2), Best(value=0.9, epoch=5))
+    """
+    names = frozenset(filenames)
+    bests = tuple(
+        disk if strategy.filename in names else mine
+        for strategy, mine, disk in zip(state.config.strategies, state.bests, on_disk.bests)
+    )
+    return State(state.config, bests, state.steps)

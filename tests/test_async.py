@@ -22,7 +22,8 @@ from hypothesis import strategies as st
 
 import ckptfn
 from ckptfn import AsyncExecutor, CheckpointManager, CheckpointWriteError, MetricWarning, PayloadError, Strategy
-from ckptfn._async import StagingBuffers, roll_back, serialization_context
+from ckptfn._async import StagingBuffers, serialization_context
+from ckptfn._state import roll_back
 from ckptfn._executor import write_snapshot
 from ckptfn._fs import FileSystem
 from ckptfn._naming import archived_of
