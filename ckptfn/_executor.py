@@ -48,7 +48,7 @@ from ckptfn._payload import prepare_payload
 from ckptfn._reading import read_metadata
 from ckptfn._retention import plan_prune
 from ckptfn._state import State
-from ckptfn._strategy import Strategy
+from ckptfn._strategy import check_filename
 from ckptfn._version import __version__
 
 __all__ = [
@@ -64,16 +64,12 @@ __all__ = [
 logger = logging.getLogger("ckptfn")
 
 
-def _check_target_name(_inst: object, _attribute: attrs.Attribute, value: str) -> None:
-    Strategy("target", filename=value)  # the same rules as a strategy's filename
-
-
 @attrs.frozen
 class Target:
     """One name under which a snapshot is published, with its overwrite policy and, for
     ``overwrite=False``, how many versions to keep (None: all)."""
 
-    filename: str = attrs.field(validator=_check_target_name)
+    filename: str = attrs.field(validator=check_filename)  # the same rules as a strategy's filename
     overwrite: bool = True
     keep: int | None = attrs.field(default=None, kw_only=True)
 

@@ -40,7 +40,7 @@ def _check_mode(_inst: object, attribute: attrs.Attribute, value: object) -> Non
 MAX_FILENAME_BYTES = 160
 
 
-def _check_filename(_inst: object, attribute: attrs.Attribute, value: object) -> None:
+def check_filename(_inst: object, attribute: attrs.Attribute, value: object) -> None:
     if not isinstance(value, str):
         raise _fail(attribute.name, f"expected a str, got {type(value).__name__} {value!r}")
     if not value:
@@ -65,10 +65,6 @@ def _check_filename(_inst: object, attribute: attrs.Attribute, value: object) ->
             f"{value[:40]!r}... is {size} bytes long, more than {MAX_FILENAME_BYTES}: temporary and archive "
             "names add up to 95 bytes to it, and file systems allow 255",
         )
-
-
-#: The rules of a checkpoint file name (plain, not hidden); ``Every`` uses them too.
-check_filename = _check_filename
 
 
 def to_keep(value: object) -> object:
@@ -150,7 +146,7 @@ class Strategy:
     metric_name: str = attrs.field(validator=_check_metric_name)
     mode: str = attrs.field(default="min", validator=_check_mode)
     filename: str = attrs.field(
-        default=attrs.Factory(_default_filename, takes_self=True), validator=_check_filename
+        default=attrs.Factory(_default_filename, takes_self=True), validator=check_filename
     )
     overwrite: bool = attrs.field(default=True, validator=check_bool)
     min_delta: float = attrs.field(default=0.0, converter=_to_min_delta)

@@ -1,4 +1,4 @@
-"""File systems for fault injection, built on the executor's seam (ckptfn._fs.FileSystem)."""
+"""File systems for fault injection, built on the executor's seam (ckptfn._fs.FileSystem), and hostile payloads."""
 
 from __future__ import annotations
 
@@ -139,3 +139,13 @@ class HookFS(RecordingFS):
             if self.seen - 1 == self.at:
                 self.hook()
         super()._before(name, args)
+
+
+class RunsACommand:
+    """Unpickling this would create ``marker`` (through os.system) if a loader let it run."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))

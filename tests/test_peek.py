@@ -18,6 +18,7 @@ import ckptfn
 from ckptfn._metadata import RESERVED_KEYS
 from ckptfn._peek import ALLOWED_GLOBALS, peek_metadata
 from ckptfn._reading import _torch_load
+from tests.faults import RunsACommand
 
 
 def test_every_allowed_global_is_one_torch_allows_under_weights_only():
@@ -105,16 +106,6 @@ def test_an_unknown_global_makes_it_give_up_and_torch_decides(tmp_path):
 class CallsTorchLoad:
     def __reduce__(self):
         return (torch.load, ("/nonexistent",))
-
-
-class RunsACommand:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        import os
-
-        return (os.system, (f"touch {self.marker}",))
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")

@@ -11,6 +11,7 @@ import torch
 
 import ckptfn
 from ckptfn import CheckpointError, CheckpointNotFoundError, Strategy, execute, init, load_checkpoint, read_metadata, step
+from tests.faults import RunsACommand
 
 
 @pytest.fixture
@@ -18,14 +19,6 @@ def good(tmp_path):
     state, actions = step(init(Strategy("val_loss", filename="best_loss.pt")), {"val_loss": 0.5})
     (path,) = execute(actions, {"w": torch.randn(64, 64)}, tmp_path, state=state)
     return path
-
-
-class RunsACommand:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")

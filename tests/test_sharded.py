@@ -30,7 +30,7 @@ from ckptfn._sharded import (
     write_shards,
 )
 
-from tests.faults import Crash
+from tests.faults import Crash, RunsACommand
 
 TWO = [
     {"metric_name": "val_loss", "filename": "best_loss.pt"},
@@ -142,14 +142,6 @@ def test_missing_file_points_to_its_sharded_directory(tmp_path):
 
 
 # --- safe reading --------------------------------------------------------------------------------
-
-
-class RunsACommand:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
 
 
 def test_a_dcp_metadata_pickle_with_foreign_code_is_refused_and_never_runs(tmp_path):
