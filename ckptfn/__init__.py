@@ -1,8 +1,10 @@
 """ckptfn: decide when a training run saves its best checkpoints, purely; save them safely.
 
-The pure core (``init``, ``step``, ``scan``, ``improved``, the records) decides;
-the executor (``execute``, ``load_checkpoint``, ``read_metadata``) performs its
-actions on disk, crash-safely.
+The pure core (``init``, ``step``, ``scan``, ``improved``, the records; ``ckptfn/core/``)
+decides; the I/O layer (``ckptfn/io/``: ``load_checkpoint``, ``read_metadata``) touches
+the files; the shells (``execute``, ``CheckpointManager``, ``AsyncExecutor``;
+``ckptfn/shells/``) run the one write recipe. ``ckptfn.kit`` is the stable kit for
+writing new integrations; ``ckptfn.lightning`` is the Lightning callback.
 
 ``import ckptfn`` does not import torch: the pure core and ``read_metadata``
 need none, and the names that write checkpoints (``execute``,
@@ -12,10 +14,10 @@ first use.
 
 import importlib
 
-from ckptfn._actions import Periodic, Save, Skip, improved
-from ckptfn._config import Config
-from ckptfn._core import Action, best_values, init, new_skips, scan, step
-from ckptfn._errors import (
+from ckptfn.core.actions import Periodic, Save, Skip, improved
+from ckptfn.core.config import Config
+from ckptfn.core.step import Action, best_values, init, new_skips, scan, step
+from ckptfn.core.errors import (
     CheckpointError,
     CheckpointNotFoundError,
     CheckpointWriteError,
@@ -24,11 +26,11 @@ from ckptfn._errors import (
     MetricWarning,
     PayloadError,
 )
-from ckptfn._every import Every
-from ckptfn._metrics import MISSING, lookup
-from ckptfn._reading import load_checkpoint, read_metadata, restore_from_directory
-from ckptfn._state import Best, Last, State, restore
-from ckptfn._strategy import Strategy
+from ckptfn.core.every import Every
+from ckptfn.core.metrics import MISSING, lookup
+from ckptfn.io.read import load_checkpoint, read_metadata, restore_from_directory
+from ckptfn.core.state import Best, Last, State, restore
+from ckptfn.core.strategy import Strategy
 from ckptfn._version import __version__
 
 __all__ = [
@@ -70,10 +72,10 @@ __all__ = [
 
 #: Names whose modules import torch, loaded on first access (PEP 562).
 _ON_FIRST_USE = {
-    "AsyncExecutor": "ckptfn._async",
-    "CheckpointManager": "ckptfn._manager",
-    "execute": "ckptfn._executor",
-    "load_sharded": "ckptfn._sharded",
+    "AsyncExecutor": "ckptfn.shells.background",
+    "CheckpointManager": "ckptfn.shells.manager",
+    "execute": "ckptfn.shells.execute",
+    "load_sharded": "ckptfn.io.dcp",
 }
 
 

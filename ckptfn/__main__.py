@@ -2,7 +2,7 @@
 
 import sys
 
-from ckptfn._cli import main
+from ckptfn.cli.main import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -23,9 +23,9 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from ckptfn._errors import ConfigError
-from ckptfn._manager import CheckpointManager
-from ckptfn._reading import load_checkpoint
+from ckptfn.core.errors import ConfigError
+from ckptfn.shells.manager import CheckpointManager
+from ckptfn.io.read import load_checkpoint
 
 __all__ = ["LAST", "Trainer", "concordance_loss", "spearman"]
 

@@ -1,4 +1,4 @@
-"""File systems for fault injection, built on the executor's seam (ckptfn._fs.FileSystem), and hostile payloads."""
+"""File systems for fault injection, built on the executor's seam (ckptfn.io.fs.FileSystem), and hostile payloads."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import errno
 import os
 import signal
 
-from ckptfn._fs import FileSystem
+from ckptfn.io.fs import FileSystem
 
 MUTATING = ("mkdir", "create", "write", "fsync", "replace", "link", "unlink", "fsync_dir")
 
@@ -149,3 +149,11 @@ class RunsACommand:
 
     def __reduce__(self):
         return (os.system, (f"touch {self.marker}",))
+
+
+def snapshot_of(saves, *, state=None, metrics=None, now=None) -> tuple[list, dict]:
+    """``(targets, metadata)`` of the snapshot the shells would plan for ``saves``."""
+    from ckptfn.kit import plan
+
+    snapshot = plan(list(saves), state=state, metrics=metrics, now=now)
+    return list(snapshot.targets), dict(snapshot.metadata)

@@ -16,8 +16,8 @@ import torch
 from hypothesis import strategies as st
 
 import ckptfn
-from ckptfn._metrics import MISSING
-from ckptfn._strategy import MODES
+from ckptfn.core.metrics import MISSING
+from ckptfn.core.strategy import MODES
 
 # No name is a dotted prefix of another, so nesting never collides.
 METRIC_NAMES = (

@@ -22,11 +22,12 @@ from hypothesis import strategies as st
 
 import ckptfn
 from ckptfn import AsyncExecutor, CheckpointManager, CheckpointWriteError, MetricWarning, PayloadError, Strategy
-from ckptfn._async import StagingBuffers, serialization_context
-from ckptfn._state import roll_back
-from ckptfn._executor import write_snapshot
-from ckptfn._fs import FileSystem
-from ckptfn._naming import archived_of
+from ckptfn.io.staging import StagingBuffers
+from ckptfn.io.write import serialization_context
+from ckptfn.core.commit import roll_back
+from ckptfn.io.write import write_snapshot
+from ckptfn.io.fs import FileSystem
+from ckptfn.core.naming import archived_of
 
 from tests.faults import FailingFS
 from tests.strategies import runs
@@ -88,7 +89,7 @@ class TimingFS(FileSystem):
         self.active -= 1
 
 
-def use_fs(monkeypatch, fs, module=ckptfn._manager) -> None:
+def use_fs(monkeypatch, fs, module=ckptfn.io.write) -> None:
     monkeypatch.setattr(module, "write_snapshot", functools.partial(write_snapshot, fs=fs))
 
 
@@ -255,9 +256,9 @@ def test_synchronous_managers_have_the_same_interface(tmp_path):
 CHILD = textwrap.dedent(
     """
     import functools, logging, sys, time
-    import torch, ckptfn, ckptfn._manager
-    from ckptfn._executor import write_snapshot
-    from ckptfn._fs import FileSystem
+    import torch, ckptfn, ckptfn.io.write
+    from ckptfn.io.write import write_snapshot
+    from ckptfn.io.fs import FileSystem
     from tests.faults import FailingFS
 
     class SlowFS(FileSystem):
@@ -267,7 +268,7 @@ CHILD = textwrap.dedent(
 
     logging.basicConfig(level=logging.INFO)
     fs = FailingFS("write", 1) if sys.argv[2] == "fail" else SlowFS()
-    ckptfn._manager.write_snapshot = functools.partial(write_snapshot, fs=fs)
+    ckptfn.io.write.write_snapshot = functools.partial(write_snapshot, fs=fs)
     manager = ckptfn.CheckpointManager(sys.argv[1], [{"metric_name": "val_loss"}], async_save=True)
     manager.update({"val_loss": 0.5}, {"w": torch.arange(1000.0)}, 3)
     print("pending at exit:", manager._writer.pending, flush=True)
@@ -440,7 +441,7 @@ def test_roll_back_takes_exactly_the_named_strategies_from_the_disk(run, data):
 
 
 def test_the_executor_warns_about_skips_and_raises_a_failure_on_the_next_submit(tmp_path, monkeypatch):
-    use_fs(monkeypatch, FailingFS("fsync"), module=ckptfn._async)
+    use_fs(monkeypatch, FailingFS("fsync"))
     state = ckptfn.init([Strategy("val_loss"), Strategy("val_corr", mode="max")])
     with AsyncExecutor() as writer:
         state, actions = ckptfn.step(state, {"val_loss": 0.5}, 0)
@@ -480,7 +481,7 @@ def test_checksums_false_skips_crc32_for_this_manager_only(tmp_path, async_save)
 
 def test_a_save_without_crc32_in_flight_does_not_affect_a_concurrent_save(tmp_path, monkeypatch):
     fs = GatedFS("write")  # the background save stops in the middle of torch.save
-    use_fs(monkeypatch, fs, module=ckptfn._async)
+    use_fs(monkeypatch, fs)
     with AsyncExecutor(checksums=False) as writer:
         state, actions = ckptfn.step(ckptfn.init(Strategy("val_loss")), {"val_loss": 0.5}, 0)
         writer.submit(actions, payload(0), tmp_path, state=state)
@@ -504,7 +505,7 @@ def test_the_background_save_honours_the_callers_torch_serialization_settings(tm
 
 
 def test_serialization_context_refuses_a_torch_with_process_global_settings(monkeypatch):
-    monkeypatch.setattr(ckptfn._async, "_crc32_setting_is_per_context", lambda: False)
+    monkeypatch.setattr(ckptfn.io.torch_internals, "crc32_setting_is_per_context", lambda: False)
     with pytest.raises(NotImplementedError, match="process-global"):
         serialization_context(checksums=False)
     with pytest.raises(NotImplementedError):

@@ -15,9 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ckptfn
-from ckptfn._cli import main, plot_replay, replay
-from ckptfn._history import load_config_file, load_history
-from ckptfn._metrics import MISSING
+from ckptfn.cli.main import main, plot_replay, replay
+from ckptfn.cli.history import load_config_file, load_history
+from ckptfn.core.metrics import MISSING
 
 from tests.strategies import configs, logical_histories
 
@@ -270,7 +270,7 @@ def test_installed_entry_points(command, tmp_path):
 def test_progress_bar_on_a_terminal_and_plain_lines_otherwise():
     import io
 
-    from ckptfn._cli import _Progress
+    from ckptfn.cli.main import _Progress
 
     class Terminal(io.StringIO):
         def isatty(self):

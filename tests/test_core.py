@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import ckptfn
 from ckptfn import Save, Skip, init, scan, step
-from ckptfn._metrics import MISSING
+from ckptfn.core.metrics import MISSING
 
 from tests.strategies import logical_histories, min_deltas, rendered, runs
 

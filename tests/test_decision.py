@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import ckptfn
 from ckptfn import Config, ConfigError, Every, Strategy, init, step
-from ckptfn._decision import decision_from_wire, decision_to_wire, failure_from_wire, failure_to_wire, is_failure
+from ckptfn.core.wire import decision_from_wire, decision_to_wire, failure_from_wire, failure_to_wire, is_failure
 
 from tests.strategies import runs
 

@@ -20,7 +20,7 @@ import torch
 
 import ckptfn
 from ckptfn import CheckpointManager, load_checkpoint, read_metadata
-from ckptfn._naming import archived_of
+from ckptfn.core.naming import archived_of
 
 from tests.distributed import workers
 from tests.distributed.harness import RanksFailed, run_ranks, start_forkserver
@@ -225,8 +225,8 @@ def test_a_single_process_never_touches_torch_distributed(tmp_path, monkeypatch)
 
     for name in ("broadcast_object_list", "broadcast", "barrier", "all_reduce", "all_gather_object", "gather_object"):
         monkeypatch.setattr(torch.distributed, name, forbidden)
-    monkeypatch.setattr(ckptfn._manager, "update_together", forbidden)
-    monkeypatch.setattr(ckptfn._manager, "save_one_together", forbidden)
+    monkeypatch.setattr(ckptfn.shells.distributed.Coordinator, "update", forbidden)
+    monkeypatch.setattr(ckptfn.shells.distributed.Coordinator, "save_one", forbidden)
     manager = CheckpointManager(tmp_path, workers.TWO)
     for epoch, loss in enumerate([0.5, 0.4, 0.6]):
         manager.update({"val_loss": loss, "val_corr": loss}, {"w": torch.zeros(2)}, epoch)

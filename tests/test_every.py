@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 import ckptfn
 from ckptfn import CheckpointManager, Config, ConfigError, Every, Last, Periodic, Save, Strategy, init, scan, step
-from ckptfn._executor import snapshot_of, write_snapshot
+from ckptfn.io.write import write_snapshot
+from tests.faults import snapshot_of
 
 from tests.faults import RecordingFS
 from tests.strategies import everys, increasing_epochs, mixed_runs

@@ -15,9 +15,11 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 import ckptfn
 from ckptfn import CheckpointWriteError, Config, Strategy
-from ckptfn._executor import partition, snapshot_of, write_snapshot
-from ckptfn._metadata import entry_for
-from ckptfn._naming import archived_of
+from ckptfn.io.write import write_snapshot
+from ckptfn.kit import partition
+from tests.faults import snapshot_of
+from ckptfn.core.metadata import entry_for
+from ckptfn.core.naming import archived_of
 
 from tests.faults import MUTATING, FailingFS
 

@@ -9,8 +9,9 @@ from hypothesis import strategies as st
 
 import ckptfn
 from ckptfn import CheckpointError, PayloadError
-from ckptfn._executor import Target, write_snapshot
-from ckptfn._metadata import FORMAT, compose, decompose
+from ckptfn.io.write import write_snapshot
+from ckptfn.kit import Target
+from ckptfn.core.metadata import FORMAT, compose, decompose
 
 keys = st.text(min_size=1, max_size=8).filter(lambda k: k != "metadata")
 payloads = st.dictionaries(keys, st.recursive(st.none() | st.integers() | st.text(max_size=5), lambda c: st.lists(c, max_size=3), max_leaves=5), max_size=5)

@@ -1,4 +1,4 @@
-"""``ckptfn.lightning.Checkpointing`` with a real ``lightning.Trainer`` on a tiny model, on CPU."""
+"""``ckptfn.integrations.lightning.Checkpointing`` with a real ``lightning.Trainer`` on a tiny model, on CPU."""
 
 from __future__ import annotations
 
@@ -17,11 +17,11 @@ from lightning.pytorch.strategies import SingleDeviceStrategy  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 import ckptfn  # noqa: E402
-import ckptfn.lightning as ckptfn_lightning  # noqa: E402
+import ckptfn.integrations.lightning as ckptfn_lightning  # noqa: E402
 from ckptfn import CheckpointWriteError, Every, Last, MetricWarning, PayloadError, Periodic, Save, Strategy  # noqa: E402
-from ckptfn._executor import write_snapshot  # noqa: E402
-from ckptfn._naming import archived_of  # noqa: E402
-from ckptfn.lightning import Checkpointing  # noqa: E402
+from ckptfn.io.write import write_snapshot  # noqa: E402
+from ckptfn.core.naming import archived_of  # noqa: E402
+from ckptfn.integrations.lightning import Checkpointing  # noqa: E402
 
 from tests.faults import FailingFS, RecordingFS  # noqa: E402
 
@@ -158,7 +158,7 @@ def test_every_file_loads_with_lightning_torch_and_ckptfn(first_run):
             assert torch.equal(tensor, raw["state_dict"][key])
         payload, metadata = ckptfn.load_checkpoint(path)
         assert set(payload) == set(raw) - {"metadata"} and metadata == raw["metadata"]
-        assert raw["callbacks"]["ckptfn.lightning.Checkpointing"] == metadata["manager_state"]  # the state after the save
+        assert raw["callbacks"]["ckptfn.integrations.lightning.Checkpointing"] == metadata["manager_state"]  # the state after the save
     test_results = fit.test(ckpt_path="best", dataloaders=loaders()[1], verbose=False)  # uses best_model_path
     assert "test_loss" in test_results[0]
 
@@ -172,7 +172,7 @@ def test_bytes_written_per_epoch_stay_one_payload_when_several_metrics_improve(t
         calls.append((paths, fs.ops, [os.stat(path) for path in paths]))  # before later epochs replace them
         return paths
 
-    monkeypatch.setattr(ckptfn_lightning, "write_snapshot", recording_write)
+    monkeypatch.setattr(ckptfn.io.write, "write_snapshot", recording_write)
     train, val = loaders()
     trainer(4, [Checkpointing(STRATEGIES, dirpath=tmp_path)]).fit(make_model(), train, val)
     assert len(calls) == 4  # one write per epoch (last.ckpt is saved every epoch)
@@ -191,7 +191,7 @@ def test_a_failed_write_stops_fit_and_leaves_a_state_that_matches_the_files(tmp_
         calls.append(len(calls))
         return write_snapshot(*args, fs=FailingFS(op, at) if len(calls) == 2 else RecordingFS(), **kwargs)
 
-    monkeypatch.setattr(ckptfn_lightning, "write_snapshot", failing_second_write)
+    monkeypatch.setattr(ckptfn.io.write, "write_snapshot", failing_second_write)
     callback = Checkpointing([Every(1, filename="a.ckpt"), Every(1, filename="b.ckpt")], dirpath=tmp_path)
     with pytest.raises(CheckpointWriteError, match="No space left on device"):
         trainer(3, [callback]).fit(make_model(), *loaders())
@@ -351,7 +351,7 @@ def test_under_ddp_only_global_rank_zero_writes_and_all_ranks_decide_alike(tmp_p
             log.write(f"{os.getpid()}\n")
         return write_snapshot(*args, **kwargs)
 
-    monkeypatch.setattr(ckptfn_lightning, "write_snapshot", spying_write)  # inherited by the forked ranks
+    monkeypatch.setattr(ckptfn.io.write, "write_snapshot", spying_write)  # inherited by the forked ranks
     train, val = loaders()
     callback = Checkpointing([Strategy("val_loss"), Every(1, filename="last.ckpt")], dirpath=tmp_path / "run")
     torch.manual_seed(0)

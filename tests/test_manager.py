@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 
 import ckptfn
 from ckptfn import CheckpointManager, CheckpointWriteError, Config, ConfigError, MetricWarning, Strategy
-from ckptfn._executor import write_snapshot
-from ckptfn._naming import archived_of
+from ckptfn.io.write import write_snapshot
+from ckptfn.core.naming import archived_of
 
 from tests.faults import FailingFS
 from tests.strategies import finite_values
@@ -154,7 +154,7 @@ def test_overwrite_control(tmp_path):
 
 
 def fail_writes(monkeypatch, op, at=0):
-    monkeypatch.setattr(ckptfn._manager, "write_snapshot", functools.partial(write_snapshot, fs=FailingFS(op, at)))
+    monkeypatch.setattr(ckptfn.io.write, "write_snapshot", functools.partial(write_snapshot, fs=FailingFS(op, at)))
 
 
 def test_a_failed_write_keeps_the_state_and_retries_next_epoch(tmp_path, monkeypatch):

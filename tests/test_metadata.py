@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ckptfn import PayloadError
-from ckptfn._metadata import RESERVED_KEYS, build_metadata, flatten_metrics, to_plain
+from ckptfn.core.metadata import RESERVED_KEYS, build_metadata, flatten_metrics, to_plain
 
 json_like = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(),

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import ckptfn
 from ckptfn import MetricTypeError, init, step
-from ckptfn._metrics import MISSING, lookup, metric_value
+from ckptfn.core.metrics import MISSING, lookup, metric_value
 
 segments = st.text("abcxyz_", min_size=1, max_size=4)
 

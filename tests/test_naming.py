@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ckptfn import ConfigError, Strategy
-from ckptfn._naming import archive_name, archived_of, parse_temp_name, split_suffix, temp_name, timestamp_iso
+from ckptfn.core.naming import archive_name, archived_of, parse_temp_name, split_suffix, temp_name, timestamp_iso
 
 filenames = st.from_regex(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,20}", fullmatch=True)
 moments = st.datetimes(timezones=st.timezones())

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ckptfn import PayloadError
-from ckptfn._payload import prepare_payload
+from ckptfn.io.payload import prepare_payload
 
 atoms = st.one_of(
     st.none(),

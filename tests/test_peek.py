@@ -15,9 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ckptfn
-from ckptfn._metadata import RESERVED_KEYS
-from ckptfn._peek import ALLOWED_GLOBALS, peek_metadata
-from ckptfn._reading import _torch_load
+from ckptfn.core.metadata import RESERVED_KEYS
+from ckptfn.io.peek import ALLOWED_GLOBALS, peek_metadata
+from ckptfn.io.read import _torch_load
 from tests.faults import RunsACommand
 
 
@@ -137,7 +137,7 @@ def test_import_and_inspect_need_no_torch(tmp_path):
     code = (
         "import sys, ckptfn\n"
         "assert 'torch' not in sys.modules, 'import ckptfn imported torch'\n"
-        "from ckptfn._cli import main\n"
+        "from ckptfn.cli.main import main\n"
         f"assert main(['inspect', {str(tmp_path)!r}]) == 0\n"
         "assert ckptfn.read_metadata(" + repr(str(tmp_path / "best.pt")) + ")['saves'][0]['value'] == 0.5\n"
         "assert 'torch' not in sys.modules, 'inspect imported torch'\n"

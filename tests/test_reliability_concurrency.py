@@ -7,8 +7,9 @@ import threading
 import pytest
 
 import ckptfn
-from ckptfn._executor import Target, write_snapshot
-from ckptfn._naming import archived_of
+from ckptfn.io.write import write_snapshot
+from ckptfn.kit import Target
+from ckptfn.core.naming import archived_of
 from tests.faults import HookFS
 from tests.reliability import concurrency
 from tests.reliability.common import Tally, clock, payload

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from ckptfn._executor import Target, write_snapshot
+from ckptfn.io.write import write_snapshot
+from ckptfn.kit import Target
 from tests.faults import CrashNoLinksFS, NoLinksFS
 from tests.reliability import crashpoints
 from tests.reliability.common import clock, inspect, payload

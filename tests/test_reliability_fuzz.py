@@ -7,7 +7,8 @@ import torch
 
 import ckptfn
 from ckptfn import ConfigError, MetricTypeError, Strategy
-from ckptfn._executor import Target, write_snapshot
+from ckptfn.io.write import write_snapshot
+from ckptfn.kit import Target
 from tests.faults import NoLinksFS
 from tests.reliability import fuzz
 from tests.reliability.common import Tally, clock, payload

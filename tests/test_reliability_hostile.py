@@ -15,9 +15,10 @@ import pytest
 
 import ckptfn
 from ckptfn import CheckpointError, CheckpointManager
-from ckptfn._executor import Target, write_snapshot
-from ckptfn._fs import REAL
-from ckptfn._naming import archive_name, temp_name
+from ckptfn.io.write import write_snapshot
+from ckptfn.kit import Target
+from ckptfn.io.fs import REAL
+from ckptfn.core.naming import archive_name, temp_name
 from tests.faults import NoLinksFS
 from tests.reliability import hostile
 from tests.reliability.common import Tally, clock, dead_pid, in_child, payload

@@ -14,9 +14,11 @@ from hypothesis import strategies as st
 
 import ckptfn
 from ckptfn import Config, ConfigError, Every, Strategy, execute, init, step
-from ckptfn._executor import Target, snapshot_of, write_snapshot
-from ckptfn._naming import archive_name, archived_of
-from ckptfn._retention import plan_prune, version_order
+from ckptfn.io.write import write_snapshot
+from ckptfn.kit import Target
+from tests.faults import snapshot_of
+from ckptfn.core.naming import archive_name, archived_of
+from ckptfn.core.retention import plan_prune, version_order
 
 from tests.faults import Crash, CrashFS, FailingFS, RecordingFS
 

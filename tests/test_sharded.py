@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import errno
 import os
+import secrets
+import socket
 import pathlib
 import pickle
 
@@ -17,18 +19,17 @@ import torch
 
 import ckptfn
 from ckptfn import CheckpointError, CheckpointManager, CheckpointNotFoundError, ConfigError, PayloadError
-from ckptfn._executor import Target
-from ckptfn._naming import archived_of
-from ckptfn._sharded import (
-    TreeFileSystem,
-    commit_tree,
-    dcp_temp_name,
-    load_consolidated,
-    new_temp_name,
-    read_sharded_metadata,
-    recover,
-    write_shards,
-)
+from ckptfn.io.fs import FileSystem
+from ckptfn.io.publish import sweep as recover
+from ckptfn.io.write import commit_tree
+from ckptfn.kit import Target
+from ckptfn.core.naming import archived_of
+from ckptfn.core.naming import temp_name as dcp_temp_name
+from ckptfn.io.dcp import load_consolidated, read_sharded_metadata, write_shards
+
+
+def new_temp_name(name: str) -> str:
+    return dcp_temp_name(name, os.getpid(), socket.gethostname(), secrets.token_hex(6))
 
 from tests.faults import Crash, RunsACommand
 
@@ -96,7 +97,7 @@ def test_keep_bounds_the_archived_trees_like_the_archived_files(tmp_path):
     assert hidden(tmp_path) == []
 
 
-class NoLinks(TreeFileSystem):
+class NoLinks(FileSystem):
     def link(self, source, target):
         raise OSError(errno.EPERM, "no hard links here (injected)")
 
@@ -117,10 +118,12 @@ def test_a_resumed_run_believes_the_newer_of_a_file_and_a_sharded_directory(tmp_
 
 
 def test_strategies_whose_directories_would_clash_are_refused_before_writing(tmp_path):
-    manager = CheckpointManager(tmp_path, [{"metric_name": "a", "filename": "best.pt"}, {"metric_name": "b", "filename": "best.pth"}], sharded=True)
-    with pytest.raises(ConfigError, match=r"'best.pt' and 'best.pth' would both be saved as the sharded checkpoint 'best.dcp'"):
-        manager.update({"a": 1.0, "b": 1.0}, payload(1.0), 0)
-    assert os.listdir(tmp_path) == []
+    clashing = [{"metric_name": "a", "filename": "best.pt"}, {"metric_name": "b", "filename": "best.pth"}]
+    with pytest.raises(ConfigError, match=r"^strategies\[1\]\.filename: 'best.pt' and 'best.pth' would both be saved as the sharded checkpoint 'best.dcp'"):
+        CheckpointManager(tmp_path, clashing, sharded=True)  # known when the manager is built
+    manager = CheckpointManager(tmp_path, clashing)  # sharded=None: only a sharded payload needs the directories
+    assert manager.update({"a": 1.0, "b": 1.0}, payload(1.0), 0)  # a plain payload: files, no clash
+    assert sorted(os.listdir(tmp_path)) == ["best.pt", "best.pth"]
 
 
 def test_an_unstorable_value_is_a_payload_error_and_nothing_is_left(tmp_path):
@@ -180,7 +183,7 @@ def test_a_plain_dcp_directory_without_ckptfn_metadata_is_named_as_such(tmp_path
 # --- crash points of the commit ------------------------------------------------------------------
 
 
-class CrashTrees(TreeFileSystem):
+class CrashTrees(FileSystem):
     """Performs the first ``stop_after`` mutating operations, then crashes on every later one."""
 
     MUTATING = ("mkdir", "create", "write", "fsync", "replace", "link", "unlink", "fsync_dir", "rename", "exchange", "rmdir", "copy")
@@ -202,7 +205,7 @@ class CrashTrees(TreeFileSystem):
         return guarded
 
 
-class DeadWriters(TreeFileSystem):
+class DeadWriters(FileSystem):
     def pid_alive(self, pid):
         return False  # the crashed writer (this test process) counts as gone
 

@@ -33,7 +33,7 @@ import torch
 
 import ckptfn
 from ckptfn import CheckpointManager, Save, Strategy, execute
-from ckptfn._async import serialization_context
+from ckptfn.shells.background import serialization_context
 from tests.benchmarks.measure import (
     Row,
     bytes_written,
@@ -397,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=100_000, help="epochs for scan (default 100000)")
     parser.add_argument("--dir", default=None, help="where to write (default: the system temp directory)")
     parser.add_argument("--only", default=",".join(IDS), help="comma-separated row groups, e.g. 1,3")
+    parser.add_argument("--write-readme", nargs="?", const="benchmark", metavar="REGION",
+                        help="also write the table into this region of README.md (default: benchmark)")
     args = parser.parse_args(argv)
     only = set(args.only.split(","))
     torch.manual_seed(0)
@@ -420,15 +422,21 @@ def main(argv: list[str] | None = None) -> int:
                 rows += bench()
     finally:
         shutil.rmtree(directory, ignore_errors=True)
-    print(
+    header = (
         f"ckptfn {ckptfn.__version__} benchmarks: payload {mib(nbytes(payload))} in {TENSORS} float32 tensors, "
         f"median of {args.repeat} paired repetitions; torch {torch.__version__}, Python "
         f"{platform.python_version()}, {os.cpu_count()} CPUs; files in {fs_type} ({directory.parent})"
     )
+    print(header)
     if fs_type in ("tmpfs", "ramfs"):
         print(f"warning: {directory.parent} is a {fs_type}, not a disk: pass --dir on a real disk")
     print()
     print(render(rows))
+    if args.write_readme:
+        from tests.readme_regions import measured_note, write_region
+
+        command = " ".join(["python tests/benchmarks/run.py", *(sys.argv[1:] if argv is None else argv)])
+        write_region(args.write_readme, measured_note(command, header) + "\n\n" + render(rows))
     return 0
 
 

@@ -31,13 +31,13 @@ class CountingCreates:
 
     def __init__(self) -> None:
         self.count = 0
-        original = ckptfn._fs.FileSystem.create
+        original = ckptfn.io.fs.FileSystem.create
 
         def create(fs, path):
             self.count += 1
             return original(fs, path)
 
-        ckptfn._fs.FileSystem.create = create
+        ckptfn.io.fs.FileSystem.create = create
 
 
 def ddp_one_decision(rank: int, world: int, out: str) -> dict:
@@ -79,18 +79,18 @@ def failures_reach_every_rank(rank: int, world: int, out: str) -> dict:
     except ckptfn.MetricTypeError as error:
         seen.append(("MetricTypeError", str(error)))
     # 2. rank 0's disk is full: with barrier=True every rank raises CheckpointWriteError, nobody moves on
-    original = ckptfn._fs.FileSystem.write
+    original = ckptfn.io.fs.FileSystem.write
     if rank == 0:
 
         def full(fs, raw, data):
             raise OSError(28, "No space left on device (injected)")
 
-        ckptfn._fs.FileSystem.write = full
+        ckptfn.io.fs.FileSystem.write = full
     try:
         manager.update({"val_loss": 0.5, "val_corr": 0.1}, {"w": torch.zeros(2)}, 1, barrier=True)
     except ckptfn.CheckpointWriteError as error:
         seen.append(("CheckpointWriteError", str(error)))
-    ckptfn._fs.FileSystem.write = original
+    ckptfn.io.fs.FileSystem.write = original
     after_failure = manager.state_dict()
     # 3. the ranks are still in step: the next epoch saves normally
     paths = manager.update({"val_loss": 0.4, "val_corr": 0.2}, {"w": torch.ones(2)}, 2, barrier=True)
@@ -217,7 +217,7 @@ def sharded_save_killed(rank: int, world: int, out: str, victim: int, where: str
             def exchange(fs, a, b):
                 os.kill(os.getpid(), signal.SIGKILL)
 
-            ckptfn._sharded.TreeFileSystem.exchange = exchange
+            ckptfn.io.fs.FileSystem.exchange = exchange
     _train_step(model, optimizer, rank, 1)
     manager.update({"val_loss": 0.5, "val_corr": 0.05}, _payload(model, optimizer), 1)
     return {"unexpected": "the save completed"}

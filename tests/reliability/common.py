@@ -19,9 +19,9 @@ import torch
 
 import ckptfn
 from ckptfn import CheckpointError
-from ckptfn._config import Config, as_config
-from ckptfn._metadata import entry_for
-from ckptfn._naming import archived_of, parse_temp_name
+from ckptfn.core.config import Config, as_config
+from ckptfn.core.metadata import entry_for
+from ckptfn.core.naming import archived_of, parse_temp_name
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]  # the repository: children import ckptfn and tests from here
 UTC = dt.timezone.utc

@@ -26,7 +26,7 @@ import torch
 
 import ckptfn
 from ckptfn import CheckpointError, CheckpointManager
-from ckptfn._naming import archived_of
+from ckptfn.core.naming import archived_of
 
 from tests.reliability.common import Tally, forkserver, temps, visible
 

@@ -34,10 +34,12 @@ from collections.abc import Mapping
 
 import ckptfn
 from ckptfn import Config, Strategy, init, step
-from ckptfn._executor import Target, partition, snapshot_of, write_snapshot
-from ckptfn._fs import REAL
-from ckptfn._naming import parse_temp_name, temp_name
-from ckptfn._state import State
+from ckptfn.io.write import write_snapshot
+from ckptfn.kit import Target, partition
+from tests.faults import snapshot_of
+from ckptfn.io.fs import REAL
+from ckptfn.core.naming import parse_temp_name, temp_name
+from ckptfn.core.state import State
 
 from tests.faults import Crash, CrashFS, CrashNoLinksFS, KillFS, KillNoLinksFS, NoLinksFS, RecordingFS
 from tests.reliability.common import (

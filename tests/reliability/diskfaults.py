@@ -28,10 +28,11 @@ from collections.abc import Callable, Iterator
 import torch
 
 import ckptfn
-import ckptfn._manager
+import ckptfn.shells.manager
 from ckptfn import CheckpointManager, CheckpointWriteError, Strategy
-from ckptfn._executor import Target, write_snapshot
-from ckptfn._naming import archived_of
+from ckptfn.io.write import write_snapshot
+from ckptfn.kit import Target
+from ckptfn.core.naming import archived_of
 
 from tests.faults import HookFS, NoLinksFS
 from tests.reliability.common import Tally, Unavailable, clock, in_child, run_quietly, temps, visible
@@ -214,15 +215,15 @@ def read_only(tally: Tally, mount: Callable[[str], pathlib.Path]) -> None:
 
 def _patched_writes(fs) -> contextlib.AbstractContextManager:
     """Route the manager's writes through ``fs`` (as tests/test_manager.py does)."""
-    original = ckptfn._manager.write_snapshot
+    original = ckptfn.io.write.write_snapshot
 
     @contextlib.contextmanager
     def patch():
-        ckptfn._manager.write_snapshot = functools.partial(write_snapshot, fs=fs)
+        ckptfn.io.write.write_snapshot = functools.partial(write_snapshot, fs=fs)
         try:
             yield
         finally:
-            ckptfn._manager.write_snapshot = original
+            ckptfn.io.write.write_snapshot = original
 
     return patch()
 

@@ -41,7 +41,7 @@ from hypothesis import strategies as st
 
 import ckptfn
 from ckptfn import CheckpointError, Config, ConfigError, MetricTypeError, Save, Skip, Strategy
-from ckptfn._config import STRATEGY_KEYS
+from ckptfn.core.config import STRATEGY_KEYS
 
 from tests.reliability.common import ROOT, Tally, clock
 

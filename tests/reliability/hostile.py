@@ -37,9 +37,10 @@ import torch
 
 import ckptfn
 from ckptfn import CheckpointError, CheckpointManager, CheckpointWriteError, ConfigError, Strategy
-from ckptfn._executor import Target, write_snapshot
-from ckptfn._fs import REAL
-from ckptfn._naming import archive_name, archived_of, temp_name
+from ckptfn.io.write import write_snapshot
+from ckptfn.kit import Target
+from ckptfn.io.fs import REAL
+from ckptfn.core.naming import archive_name, archived_of, temp_name
 
 from tests.faults import NoLinksFS
 from tests.reliability.common import Tally, clock, dead_pid, in_child, payload, payload_problem

@@ -46,8 +46,8 @@ import torch
 
 import ckptfn
 from ckptfn import CheckpointManager
-from ckptfn._metadata import entry_for
-from ckptfn._naming import archived_of
+from ckptfn.core.metadata import entry_for
+from ckptfn.core.naming import archived_of
 
 from tests.reliability.common import Tally, forkserver, file_bests, inspect, temps, temps_of
 

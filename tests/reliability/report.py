@@ -94,19 +94,27 @@ def table(tally: Tally) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run the reliability suite and print one table.")
     parser.add_argument("--quick", action="store_true", help="the reduced sizes of the pytest suite")
+    parser.add_argument("--write-readme", action="store_true", help="also write the table into README.md")
     args = parser.parse_args(argv)
     size = SIZES["quick" if args.quick else "full"]
     started = time.monotonic()
     tally, unavailable, superseded, seconds = run_all(size, progress=lambda text: print(text, file=sys.stderr))
-    print(f"ckptfn {ckptfn.__version__}, torch {torch.__version__}, Python {platform.python_version()}, "
-          f"{platform.system()} {platform.release()}, {time.monotonic() - started:.0f} s "
-          f"({', '.join(f'{name} {s:.0f} s' for name, s in seconds.items())})")
+    header = (f"ckptfn {ckptfn.__version__}, torch {torch.__version__}, Python {platform.python_version()}, "
+              f"{platform.system()} {platform.release()}, {time.monotonic() - started:.0f} s "
+              f"({', '.join(f'{name} {s:.0f} s' for name, s in seconds.items())})")
+    print(header)
     print()
     print(table(tally))
     print()
-    for name, reason in unavailable.items():
-        print(f"not run here: {name}: {reason}")
-    print(f"two writers sharing one overwrite=False name: {superseded} versions replaced before they were archived")
+    notes = [f"not run here: {name}: {reason}" for name, reason in unavailable.items()]
+    notes.append(f"two writers sharing one overwrite=False name: {superseded} versions replaced before they were "
+                 "archived")
+    print("\n".join(notes))
+    if args.write_readme:
+        from tests.readme_regions import measured_note, write_region
+
+        command = " ".join(["python tests/reliability/report.py", *(sys.argv[1:] if argv is None else argv)])
+        write_region("reliability", "\n\n".join([measured_note(command, header), table(tally), "\n".join(notes)]))
     for problem in tally.problems[:30]:
         print("  " + problem)
     return 1 if tally.problems or unavailable else 0

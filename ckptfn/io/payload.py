@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from ckptfn._errors import PayloadError
+from ckptfn.core.errors import PayloadError
 
 __all__ = ["prepare_payload"]
 

@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import codecs
 import collections
-import io
 import os
-import pickle
 import re
 import zipfile
 
-from ckptfn._metadata import decompose
+from ckptfn.core.metadata import decompose
+from ckptfn.io import unpickle
 
 __all__ = ["ALLOWED_GLOBALS", "peek_metadata"]
 
@@ -88,17 +87,14 @@ class _GiveUp(Exception):
     """This reader cannot vouch for the file; use torch's loader."""
 
 
-class _MetadataUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> object:
-        if module == "__builtin__":  # pickle protocol 2 (torch.save's) spells builtins the Python 2 way
-            module = "builtins"
-        key = f"{module}.{name}"
-        if key not in ALLOWED_GLOBALS:
-            raise _GiveUp(key)
-        return _PLAIN.get((module, name), _Inert)
+def _resolve(module: str, name: str) -> object:
+    if f"{module}.{name}" not in ALLOWED_GLOBALS:
+        return None
+    return _PLAIN.get((module, name), _Inert)
 
-    def persistent_load(self, _pid: object) -> object:
-        return _Inert()  # a storage: its bytes are never read
+
+def _storage(_pid: object) -> object:
+    return _Inert()  # a storage: its bytes are never read
 
 
 def _is_plain(value: object) -> bool:
@@ -125,7 +121,7 @@ def peek_metadata(path: str | os.PathLike) -> dict | None:
             names = [name for name in archive.namelist() if _DATA_PKL.fullmatch(name)]
             if len(names) != 1:
                 return None
-            loaded = _MetadataUnpickler(io.BytesIO(archive.read(names[0]))).load()
+            loaded = unpickle.load(archive.read(names[0]), _resolve, persistent=_storage, refuse=_GiveUp)
     except Exception:  # noqa: BLE001 - any doubt: torch's loader decides, with its own errors
         return None
     parts = decompose(loaded)

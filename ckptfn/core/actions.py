@@ -17,9 +17,9 @@ import numbers
 
 import attrs
 
-from ckptfn._errors import ConfigError
-from ckptfn._every import Every
-from ckptfn._strategy import Strategy
+from ckptfn.core.errors import ConfigError
+from ckptfn.core.every import Every
+from ckptfn.core.strategy import Strategy
 
 __all__ = ["SKIP_REASONS", "Periodic", "Save", "Skip", "improved"]
 

@@ -12,9 +12,10 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import attrs
 
-from ckptfn._errors import ConfigError, _join_path
-from ckptfn._every import EVERY_KEYS, Every
-from ckptfn._strategy import Strategy, check_bool
+from ckptfn.core.errors import ConfigError, _join_path
+from ckptfn.core.every import EVERY_KEYS, Every
+from ckptfn.core.naming import dcp_name
+from ckptfn.core.strategy import Strategy, check_bool
 
 __all__ = ["STRATEGY_KEYS", "Config", "as_config", "parse_strategy"]
 
@@ -72,6 +73,26 @@ def _check_unique_filenames(_inst: object, _attribute: attrs.Attribute, value: t
         raise error
 
 
+def _tree_name_clash(strategies: tuple, prefix: str) -> ConfigError | None:
+    """Sharded checkpoints are named by the filename's stem (``dcp_name``): two strategies
+    must not share one, or their sharded saves would overwrite each other.
+
+    >>> print(_tree_name_clash((Strategy("a", filename="best.pt"), Strategy("b", filename="best.pth")), "strategies"))
+    strategies[1].filename: 'best.pt' and 'best.pth' would both be saved as the sharded checkpoint 'best.dcp'; give them different names before the suffix
+    """
+    seen: dict[str, int] = {}
+    for index, strategy in enumerate(strategies):
+        name = dcp_name(strategy.filename)
+        if name in seen:
+            return ConfigError(
+                f"{strategies[seen[name]].filename!r} and {strategy.filename!r} would both be saved as the sharded "
+                f"checkpoint {name!r}; give them different names before the suffix",
+                _join_path(prefix, f"[{index}].filename"),
+            )
+        seen[name] = index
+    return None
+
+
 @attrs.frozen
 class Config:
     """An ordered set of strategies; ``enabled=False`` or no strategies turns checkpointing off.
@@ -89,6 +110,20 @@ class Config:
         default=(), converter=_to_strategies, validator=_check_unique_filenames
     )
     enabled: bool = attrs.field(default=True, validator=check_bool)
+
+    def check_sharded(self) -> Config:
+        """This config, if it can be saved as sharded checkpoints (one ``.dcp`` directory per
+        strategy), else the ``ConfigError`` naming the two strategies whose directories clash.
+
+        >>> Config([Strategy("a", filename="best.pt"), Strategy("b", filename="best.pth")]).check_sharded()
+        Traceback (most recent call last):
+        ...
+        ckptfn.ConfigError: strategies[1].filename: 'best.pt' and 'best.pth' would both be saved as the sharded checkpoint 'best.dcp'; give them different names before the suffix
+        """
+        error = _tree_name_clash(self.strategies, "strategies")
+        if error is not None:
+            raise error
+        return self
 
     @property
     def active(self) -> bool:

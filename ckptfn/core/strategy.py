@@ -11,7 +11,7 @@ import numbers
 
 import attrs
 
-from ckptfn._errors import ConfigError
+from ckptfn.core.errors import ConfigError
 
 __all__ = ["MODES", "Strategy", "check_bool", "check_filename", "check_keep", "default_filename", "to_keep"]
 

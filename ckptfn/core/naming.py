@@ -5,8 +5,12 @@ Pure string functions; the clock, pid and host name are passed in.
 - An archived version of ``best_corr.pt`` is ``best_corr_<UTC timestamp>.pt``,
   e.g. ``best_corr_20261129T131500123456Z.pt``; on a clash ``-1``, ``-2``, ... is
   appended to the stem.
-- A temporary file is hidden and names its writer:
-  ``.ckptfn.<pid>.<host>.<token>.<final name>.tmp``.
+- A temporary entry (a file, or a directory tree of a sharded checkpoint) is
+  hidden and names its writer: ``.ckptfn.<pid>.<host>.<token>.<final name>.<kind>``,
+  where ``kind`` is ``tmp`` (being written) or ``old`` (a tree moved aside while
+  its name is replaced where the file system cannot exchange two names). One
+  grammar for both kinds of entry, so one sweep tidies after dead writers.
+- The sharded checkpoint of ``best_loss.pt`` is the directory ``best_loss.dcp``.
 """
 
 from __future__ import annotations
@@ -15,9 +19,12 @@ import datetime as dt
 import re
 
 __all__ = [
+    "DCP_SUFFIX",
+    "TEMP_KINDS",
     "archive_name",
     "archive_stamp",
     "archived_of",
+    "dcp_name",
     "host_tag",
     "parse_temp_name",
     "split_suffix",
@@ -26,7 +33,11 @@ __all__ = [
 ]
 
 _STAMP = re.compile(r"\d{8}T\d{12}Z")
-_TEMP = re.compile(r"^\.ckptfn\.(?P<pid>\d+)\.(?P<host>[A-Za-z0-9_-]+)\.(?P<token>[0-9a-f]+)\..+\.tmp$")
+_TEMP = re.compile(
+    r"^\.ckptfn\.(?P<pid>\d+)\.(?P<host>[A-Za-z0-9_-]+)\.(?P<token>[0-9a-f]+)\.(?P<name>.+)\.(?P<kind>tmp|old)$"
+)
+DCP_SUFFIX = ".dcp"
+TEMP_KINDS = ("tmp", "old")
 
 
 def _utc(moment: dt.datetime) -> dt.datetime:
@@ -99,20 +110,36 @@ def host_tag(host: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", host)[:32] or "host"
 
 
-def temp_name(filename: str, pid: int, host: str, token: str) -> str:
-    """The hidden temporary name a writer uses while producing ``filename``.
+def temp_name(filename: str, pid: int, host: str, token: str, kind: str = "tmp") -> str:
+    """The hidden name a writer uses while producing ``filename`` (``kind="tmp"``), or for
+    the old tree it moved aside from ``filename`` (``kind="old"``).
 
     >>> temp_name("best_loss.pt", 4242, "node-1.example", "9f3a")
     '.ckptfn.4242.node-1_example.9f3a.best_loss.pt.tmp'
+    >>> temp_name("best_loss.dcp", 7, "h", "ab", "old")
+    '.ckptfn.7.h.ab.best_loss.dcp.old'
     """
-    return f".ckptfn.{pid}.{host_tag(host)}.{token}.{filename}.tmp"
+    if kind not in TEMP_KINDS:
+        raise ValueError(f"kind must be one of {TEMP_KINDS}, got {kind!r}")
+    return f".ckptfn.{pid}.{host_tag(host)}.{token}.{filename}.{kind}"
 
 
-def parse_temp_name(name: str) -> tuple[int, str] | None:
-    """``(pid, host tag)`` of a ckptfn temporary file name, else None.
+def parse_temp_name(name: str) -> tuple[int, str, str, str] | None:
+    """``(pid, host tag, final name, kind)`` of a ckptfn temporary name, else None.
 
-    >>> parse_temp_name(temp_name("best_loss.pt", 4242, "node-1", "9f3a")), parse_temp_name("best_loss.pt")
-    ((4242, 'node-1'), None)
+    >>> parse_temp_name(temp_name("best_loss.pt", 4242, "node-1", "9f3a"))
+    (4242, 'node-1', 'best_loss.pt', 'tmp')
+    >>> parse_temp_name("best_loss.pt") is None
+    True
     """
     match = _TEMP.match(name)
-    return (int(match["pid"]), match["host"]) if match else None
+    return (int(match["pid"]), match["host"], match["name"], match["kind"]) if match else None
+
+
+def dcp_name(filename: str) -> str:
+    """The directory holding the sharded checkpoint of a strategy's ``filename``.
+
+    >>> dcp_name("best_loss.pt"), dcp_name("last"), dcp_name("best_loss.dcp")
+    ('best_loss.dcp', 'last.dcp', 'best_loss.dcp')
+    """
+    return split_suffix(filename)[0] + DCP_SUFFIX

@@ -15,8 +15,8 @@ import numbers
 
 import attrs
 
-from ckptfn._errors import ConfigError
-from ckptfn._strategy import check_bool, check_filename, check_keep, to_keep
+from ckptfn.core.errors import ConfigError
+from ckptfn.core.strategy import check_bool, check_filename, check_keep, to_keep
 
 __all__ = ["EVERY_KEYS", "LAST_FILENAME", "Every", "due"]
 

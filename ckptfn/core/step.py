@@ -13,13 +13,13 @@ from collections.abc import Iterable, Mapping
 
 import toolz
 
-from ckptfn._actions import Periodic, Save, Skip, improved
-from ckptfn._config import as_config
-from ckptfn._errors import MetricTypeError
-from ckptfn._every import Every, due
-from ckptfn._metrics import MISSING, lookup, metric_value
-from ckptfn._state import Best, Last, State
-from ckptfn._strategy import Strategy
+from ckptfn.core.actions import Periodic, Save, Skip, improved
+from ckptfn.core.config import as_config
+from ckptfn.core.errors import MetricTypeError
+from ckptfn.core.every import Every, due
+from ckptfn.core.metrics import MISSING, lookup, metric_value
+from ckptfn.core.state import Best, Last, State
+from ckptfn.core.strategy import Strategy
 
 __all__ = ["Action", "best_values", "init", "new_skips", "scan", "step"]
 
@@ -74,7 +74,7 @@ def step(state: State, metrics: Mapping, epoch: int | None = None) -> tuple[Stat
 
     A strategy contributes a ``Save`` when its value is a strict new best, a
     ``Skip`` when its metric is missing or not finite, and nothing otherwise; an
-    ``Every`` contributes a ``Periodic`` when it is due (see ``ckptfn._every.due``).
+    ``Every`` contributes a ``Periodic`` when it is due (see ``ckptfn.core.every.due``).
     ``epoch`` defaults to the number of steps taken so far.
 
     >>> state = init([Strategy("val_loss"), Strategy("loss_components.concordance")])

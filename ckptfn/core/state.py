@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import attrs
 
-from ckptfn._config import Config, as_config
-from ckptfn._errors import ConfigError
-from ckptfn._every import Every
-from ckptfn._metadata import entry_for
+from ckptfn.core.config import Config, as_config
+from ckptfn.core.errors import ConfigError
+from ckptfn.core.every import Every
+from ckptfn.core.metadata import entry_for
 
 __all__ = [
     "STATE_FORMAT",
@@ -30,7 +30,6 @@ __all__ = [
     "restore",
     "restore_from_saves",
     "resume_state",
-    "roll_back",
 ]
 
 STATE_FORMAT = "ckptfn.state/1"
@@ -110,7 +109,7 @@ class State:
     def to_dict(self) -> dict:
         """Plain data (dict/list/str/int/float/bool/None) that ``restore`` reads back.
 
-        >>> from ckptfn._strategy import Strategy
+        >>> from ckptfn.core.strategy import Strategy
         >>> State(Config([Strategy("val_loss")])).to_dict()["strategies"][0]["best"] is None
         True
         """
@@ -202,7 +201,7 @@ def restore(config: object, data: object) -> State:
     a new or changed strategy starts fresh; strategies no longer configured are
     dropped. ``data=None`` means nothing was saved: a fresh state.
 
-    >>> from ckptfn._strategy import Strategy
+    >>> from ckptfn.core.strategy import Strategy
     >>> saved = State(Config([Strategy("val_loss")]), bests=[Best(0.25, 3)], steps=4).to_dict()
     >>> restore([Strategy("val_loss"), Strategy("val_corr", mode="max")], saved).bests
     (Best(value=0.25, epoch=3), Best(value=None, epoch=None))
@@ -268,7 +267,7 @@ def restore_from_saves(config: object, found: Mapping[str, Mapping | None], step
     records if that entry has the same metric and mode; otherwise it starts fresh.
     ``steps`` is at least one past the newest best's epoch.
 
-    >>> from ckptfn._strategy import Strategy
+    >>> from ckptfn.core.strategy import Strategy
     >>> meta = {"epoch": 4, "saves": [{"filename": "best_val_loss.pt", "metric_name": "val_loss",
     ...                                "mode": "min", "value": 0.2, "epoch": 4}]}
     >>> state = restore_from_saves([Strategy("val_loss"), Strategy("val_loss", mode="max", filename="x.pt")],
@@ -291,7 +290,7 @@ def resume_state(saved: State, on_disk: State) -> State:
     strategy whose file is missing saves again. An ``Every`` keeps ``saved``'s last
     save: periodic saves follow the resumed run, not files from a run abandoned later.
 
-    >>> from ckptfn._strategy import Strategy
+    >>> from ckptfn.core.strategy import Strategy
     >>> config = Config([Strategy("val_loss"), Every(2)])
     >>> saved = State(config, [Best(0.5, 3), Last(3)], steps=4)
     >>> on_disk = State(config, [Best(0.25, 6), Last(7)], steps=8)
@@ -305,24 +304,3 @@ def resume_state(saved: State, on_disk: State) -> State:
         for strategy, own, disk in zip(saved.config.strategies, saved.bests, on_disk.bests)
     )
     return State(saved.config, bests, saved.steps)
-
-
-def roll_back(state: State, on_disk: State, filenames: Iterable[str]) -> State:
-    """``state`` with the bests of the strategies writing ``filenames`` taken from ``on_disk``.
-
-    Used after a background write failed: those strategies believe again what
-    their files hold (so the next epoch retries); the others and ``steps`` stay.
-
-    >>> from ckptfn import Config, Strategy
-    >>> config = Config([Strategy("val_loss"), Strategy("val_corr", mode="max")])
-    >>> believed = State(config, [Best(0.1, 5), Best(0.9, 5)], steps=6)
-    >>> on_disk = State(config, [Best(0.3, 2), Best(0.9, 5)], steps=6)
-    >>> roll_back(believed, on_disk, ["best_val_loss.pt"]).bests
-    (Best(value=0.3, epoch=2), Best(value=0.9, epoch=5))
-    """
-    names = frozenset(filenames)
-    bests = tuple(
-        disk if strategy.filename in names else mine
-        for strategy, mine, disk in zip(state.config.strategies, state.bests, on_disk.bests)
-    )
-    return State(state.config, bests, state.steps)

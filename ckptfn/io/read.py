@@ -6,20 +6,22 @@ unpickling: a file that needs it is refused with a ``CheckpointError``.
 
 from __future__ import annotations
 
+import errno
 import os
 import pathlib
-import stat
 import warnings
 import zipfile
 from collections.abc import Iterable, Mapping
 
 
-from ckptfn._errors import CheckpointError, CheckpointNotFoundError
-from ckptfn._config import as_config
-from ckptfn._metadata import FORMAT, decompose
-from ckptfn._peek import peek_metadata
-from ckptfn._sharded import DCP_SUFFIX, dcp_name, is_sharded_checkpoint, load_consolidated, read_sharded_metadata
-from ckptfn._state import State, restore_from_saves
+from ckptfn.core.errors import CheckpointError, CheckpointNotFoundError
+from ckptfn.io.fs import open_regular
+from ckptfn.core.config import as_config
+from ckptfn.core.metadata import FORMAT, decompose
+from ckptfn.io.peek import peek_metadata
+from ckptfn.core.naming import DCP_SUFFIX, dcp_name
+from ckptfn.io.dcp import is_sharded_checkpoint, load_consolidated, read_sharded_metadata
+from ckptfn.core.state import State, restore_from_saves
 
 _ZIP_MAGIC = b"PK\x03\x04"  # every file torch.save writes (and so every ckptfn file) is a zip archive
 
@@ -100,14 +102,13 @@ def _checked_file(path: str | os.PathLike) -> pathlib.Path:
     if path.is_dir():
         raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
     try:
-        # O_NONBLOCK: a FIFO planted at a checkpoint name must not block us (it is refused below)
-        with open(path, "rb", opener=lambda name, flags: os.open(name, flags | getattr(os, "O_NONBLOCK", 0))) as file:
-            if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
-                raise CheckpointError(f"{path}: not a regular file (a FIFO, device or socket is never a checkpoint)")
+        with open_regular(path) as file:  # a FIFO planted at a checkpoint name must not block us
             magic = file.read(4)
             if magic == _ZIP_MAGIC:
                 _check_members(path, file)
     except OSError as error:
+        if error.errno == errno.EINVAL:
+            raise CheckpointError(f"{path}: not a regular file (a FIFO, device or socket is never a checkpoint)") from None
         raise CheckpointError(f"{path}: cannot be read ({_first_line(error)})") from error
     if magic != _ZIP_MAGIC:
         what = "an empty file" if not magic else "not a torch zip archive"

@@ -1,33 +1,36 @@
 """``CheckpointManager``: the imperative shell a training loop calls once per validation epoch.
 
-Thin and boring by design: ``step`` decides, the executor writes, and only then
-is the new state committed. If a write fails the manager keeps its old state (so
-the next epoch retries); if the failure hit after some names were already
-published, it rebuilds its bests from the files, exactly as ``resume=True`` does,
-so that state and disk always agree.
+Thin and boring by design: ``step`` decides, the one write function writes, and
+the pure commit rule (``ckptfn.core.commit``) says which state to keep: the new
+one after a successful write, the old one if nothing was published (so the next
+epoch retries), the bests read back from the files if the failure hit after some
+names were published, so that state and disk always agree, whatever the
+exception (an interrupt included). In a distributed run the manager's
+``Coordinator`` does the same across ranks.
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import functools
 import logging
 import os
 import pathlib
-import warnings
 from collections.abc import Mapping
 
-from ckptfn._async import AsyncExecutor, ClosesOnExit, serialization_context
-from ckptfn._config import Config, as_config
-from ckptfn._core import best_values, init, new_skips, step
-from ckptfn._distributed import SOLO, find_group, restore_together, save_one_together, update_together
-from ckptfn._errors import CheckpointError, CheckpointWriteError, MetricWarning
-from ckptfn._every import Every
-from ckptfn._executor import Target, log_saves, partition, snapshot_of, versions, write_snapshot
-from ckptfn._metadata import build_metadata, entry_for
-from ckptfn._naming import timestamp_iso
-from ckptfn._reading import load_checkpoint, read_metadata, restore_from_directory
-from ckptfn._state import State, restore, roll_back
+from ckptfn.core.commit import roll_back
+from ckptfn.core.config import Config, as_config
+from ckptfn.core.errors import CheckpointError
+from ckptfn.core.every import Every
+from ckptfn.core.metadata import build_metadata, entry_for
+from ckptfn.core.naming import timestamp_iso
+from ckptfn.core.snapshot import Snapshot, Target, partition
+from ckptfn.core.state import State, restore
+from ckptfn.core.step import best_values, init, step
+from ckptfn.core.summary import summary_lines
+from ckptfn.io.read import load_checkpoint, read_metadata, restore_from_directory
+from ckptfn.io.write import serialization_context, versions, write
+from ckptfn.shells.background import AsyncExecutor, ClosesOnExit, raise_as_write_error
+from ckptfn.shells.distributed import SOLO, Coordinator, find_group
+from ckptfn.shells.recipe import plan, report_skips, state_to_keep, utc_now
 
 __all__ = ["CheckpointManager"]
 
@@ -74,18 +77,21 @@ class CheckpointManager(ClosesOnExit):
     ) -> None:
         self.output_dir = pathlib.Path(output_dir)
         self.config: Config = as_config(checkpoint_configs)
+        if sharded is True:
+            self.config.check_sharded()  # a clash of sharded directory names is known now
         self._seen_skips: frozenset[tuple[str, str]] = frozenset()
         serialization_context(checksums)  # an unsafe torch for checksums=False fails here, not later
         self.checksums = checksums
         self._writer = AsyncExecutor(checksums=checksums) if async_save else None
-        self._in_flight: tuple[str, ...] = ()  # the names the background save is writing
+        self._in_flight: State | None = None  # the state before the step the background save writes
         self._closed = False
         self.sharded = sharded
         self._process_group = process_group
-        self._ranks = find_group(process_group)  # None in a single process: nothing below changes
+        ranks = find_group(process_group)  # None in a single process: nothing below changes
+        self._coordinator = None if ranks is None else Coordinator(ranks, self.config, self.output_dir, sharded)
         if resume:
-            if self._ranks is not None:
-                self.state = restore_together(self.config, self.output_dir, self._ranks)
+            if self._coordinator is not None:
+                self.state = self._coordinator.restore()
             else:
                 self.state = restore_from_directory(self.config, self.output_dir)
             if self.config.active:
@@ -116,53 +122,46 @@ class CheckpointManager(ClosesOnExit):
         """
         if self._closed:
             raise RuntimeError(f"{self!r} is closed")
-        if self._coordinated():
-            return update_together(self, self._ranks or SOLO, metrics_dict, model_state_dict, epoch, barrier=barrier)
-        new_state, actions = step(self.state, metrics_dict, epoch)
+        coordinator = self._coordination()
+        if coordinator is not None:
+            result = coordinator.update(self.state, metrics_dict, model_state_dict, epoch, barrier=barrier)
+            self._seen_skips = report_skips(self._seen_skips, result.actions, loud=coordinator.is_coordinator)
+            self.state = result.state
+            result.raise_error()
+            return list(result.paths)
+        old = self.state
+        new, actions = step(old, metrics_dict, epoch)
         saves, _ = partition(actions)
-        if saves:
-            targets, metadata = snapshot_of(saves, state=new_state, metrics=metrics_dict)
+        snapshot = plan(saves, state=new, metrics=metrics_dict) if saves else None
         if self._writer is not None:
             staged = self._writer.stage(model_state_dict) if saves else None  # PayloadError now
             self._settle(block=bool(saves))  # one save in flight: wait for the previous one
-        self._report_skips(actions)
+        self._seen_skips = report_skips(self._seen_skips, actions)
         if not saves:
-            self.state = new_state
+            self.state = new
             return []
         if self._writer is not None:
-            write = functools.partial(self._write, targets, staged, metadata, saves)
-            paths = self._writer.start(write, [self.output_dir / target.filename for target in targets])
-            self._in_flight = tuple(target.filename for target in targets)
-            self.state = new_state
+            job = lambda hook: write(self.output_dir, snapshot, staged, on_serialized=hook)  # noqa: E731
+            paths = self._writer.start(job, [self.output_dir / name for name in snapshot.filenames])
+            self._in_flight = old
+            self.state = new
             return list(paths)
-        try:
-            paths = serialization_context(self.checksums).run(
-                self._write, targets, model_state_dict, metadata, saves
-            )
-        except CheckpointWriteError as error:
-            if error.published:  # the disk moved on for some names: believe the files
-                self.state = restore_from_directory(self.config, self.output_dir)
-            raise
-        self.state = new_state
-        return list(paths)
-
-    def _write(self, targets, payload, metadata, saves, on_serialized=None) -> tuple[pathlib.Path, ...]:
-        """Write one snapshot and log its saves (on the background thread with ``async_save``)."""
-        paths = write_snapshot(self.output_dir, targets, payload, metadata, on_serialized=on_serialized)
-        log_saves(saves)
-        return paths
+        written = serialization_context(self.checksums).run(write, self.output_dir, snapshot, model_state_dict)
+        self.state = state_to_keep(self.config, self.output_dir, old, new, written)
+        written.raise_error()
+        return list(written.paths)
 
     def _settle(self, *, block: bool) -> None:
-        """Collect the background save; on its failure roll its strategies back to the files and raise."""
-        try:
-            done = self._writer.settle(block=block)
-        except CheckpointWriteError:
-            on_disk = restore_from_directory(self.config, self.output_dir)
-            self.state = roll_back(self.state, on_disk, self._in_flight)
-            self._in_flight = ()
-            raise
-        if done is not None:
-            self._in_flight = ()
+        """Collect the background save; on its failure roll its strategies back (to what they
+        believed before it if nothing was published, else to the files) and raise."""
+        written = self._writer.collect(block=block)
+        if written is None:
+            return
+        prior, self._in_flight = self._in_flight, None
+        if written.error is not None and prior is not None:
+            before = roll_back(self.state, prior, written.outcome.names)
+            self.state = state_to_keep(self.config, self.output_dir, before, self.state, written)
+        raise_as_write_error(written)
 
     # --- asynchronous saving ----------------------------------------------------------------
 
@@ -185,23 +184,20 @@ class CheckpointManager(ClosesOnExit):
             finally:
                 self._writer.close()
 
-    def _coordinated(self) -> bool:
-        """Whether saving involves other ranks or DCP. Until a process group exists this
-        looks for one at each call (two cheap checks, no collective)."""
-        if self._ranks is None and self._process_group is None:
-            self._ranks = find_group()
-        if self._ranks is None and self.sharded is not True:
-            return False
+    def _coordination(self) -> Coordinator | None:
+        """The coordinator when saving involves other ranks or DCP, else None. Until a process
+        group exists this looks for one at each call (two cheap checks, no collective)."""
+        if self._coordinator is None and self._process_group is None:
+            ranks = find_group()
+            if ranks is not None:
+                self._coordinator = Coordinator(ranks, self.config, self.output_dir, self.sharded)
+        if self._coordinator is None and self.sharded is True:
+            self._coordinator = Coordinator(SOLO, self.config, self.output_dir, self.sharded)
+        if self._coordinator is None:
+            return None
         if self._writer is not None:
             raise ValueError("async_save is not supported with a process group or sharded=True")
-        return True
-
-    def _report_skips(self, actions) -> None:
-        self._seen_skips, loud, quiet = new_skips(self._seen_skips, actions)
-        for skip in loud:
-            warnings.warn(f"{skip} (further such epochs are logged at DEBUG)", MetricWarning, stacklevel=3)
-        for skip in quiet:
-            logger.debug("%s", skip)
+        return self._coordinator
 
     # --- one-off saves and loads -----------------------------------------------------------
 
@@ -227,21 +223,22 @@ class CheckpointManager(ClosesOnExit):
         file_metadata = build_metadata(
             [],
             epoch=epoch,
-            timestamp=timestamp_iso(dt.datetime.now(dt.timezone.utc)),
+            timestamp=timestamp_iso(utc_now()),
             metrics=None,
             manager_state=self.state.to_dict(),
             versions=versions(),
             extra=extra,
         )
-        if self._coordinated():
-            target = Target(path.name, overwrite)
-            return save_one_together(self, self._ranks or SOLO, state_dict, directory, target, file_metadata)
+        snapshot = Snapshot([Target(path.name, overwrite)], file_metadata)
+        coordinator = self._coordination()
+        if coordinator is not None:
+            return coordinator.save_one(state_dict, directory, snapshot)
         if self._writer is not None:
             self._writer.join()  # never two writes at once; its outcome is left for update/wait/close
-        (written,) = serialization_context(self.checksums).run(
-            write_snapshot, directory, [Target(path.name, overwrite)], state_dict, file_metadata
-        )
-        return written
+        written = serialization_context(self.checksums).run(write, directory, snapshot, state_dict)
+        written.raise_error()
+        (path,) = written.paths
+        return path
 
     @staticmethod
     def load_checkpoint(filepath: str | os.PathLike) -> tuple[object, dict]:
@@ -265,28 +262,14 @@ class CheckpointManager(ClosesOnExit):
 
     def summary(self) -> str:
         """One line per strategy: metric, mode, best value, epoch, path (or "never saved")."""
-        if not self.config.strategies:
-            return "checkpointing is off (no strategies)"
-        lines = [] if self.config.enabled else ["checkpointing is disabled"]
-        for strategy, best in zip(self.config.strategies, self.state.bests):
-            if isinstance(strategy, Every):
-                saved = "never saved" if best.epoch is None else f"last saved at epoch {best.epoch} -> {self.output_dir / strategy.filename}"
-                lines.append(f"every {strategy.n_epochs} epoch(s) ({strategy.filename}): {saved}")
-                continue
-            head = f"{strategy.metric_name} ({strategy.mode})"
-            if best.value is None:
-                lines.append(f"{head}: never saved")
-            else:
-                path = self.output_dir / strategy.filename
-                lines.append(f"{head}: best {best.value:.6g} at epoch {best.epoch} -> {path}")
-        return "\n".join(lines)
+        return "\n".join(summary_lines(self.state, lambda name: str(self.output_dir / name)))
 
     def __repr__(self) -> str:
         return f"CheckpointManager({str(self.output_dir)!r}, {len(self.config.strategies)} strategies, best={self.best_values})"
 
     def _warn_about_existing_files(self) -> None:
         """With ``resume=False``, say what configured names already hold and what will happen to them."""
-        if not self.config.active or (self._ranks is not None and not self._ranks.is_coordinator):
+        if not self.config.active or (self._coordinator is not None and not self._coordinator.is_coordinator):
             return
         found = []
         for strategy in self.config.strategies:

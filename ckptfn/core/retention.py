@@ -1,7 +1,7 @@
 """Retention: which archived versions to delete so that at most ``keep`` versions remain.
 
 Pure. The archived versions of ``best_corr.pt`` are the names
-``best_corr_<UTC stamp>[-n].pt`` (see ``ckptfn._naming``). A stamp is the save
+``best_corr_<UTC stamp>[-n].pt`` (see ``ckptfn.core.naming``). A stamp is the save
 time of its version in a fixed-width form, so names sort chronologically; a
 ``-n`` counter (a name clash) sorts after the plain name of the same stamp.
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from ckptfn._naming import archived_of, split_suffix
+from ckptfn.core.naming import archived_of, split_suffix
 
 __all__ = ["archived_versions", "plan_prune", "version_order"]
 

@@ -17,16 +17,16 @@ import pathlib
 import sys
 from collections.abc import Mapping, Sequence
 
-from ckptfn._config import Config
-from ckptfn._core import best_values, init, step
-from ckptfn._errors import CheckpointError, ConfigError
-from ckptfn._history import HistoryError, load_config_file, load_history
-from ckptfn._metadata import flatten_metrics
-from ckptfn._naming import archived_of
-from ckptfn._reading import read_metadata, visible_files
-from ckptfn._sharded import DCP_SUFFIX
-from ckptfn._actions import Periodic, Save
-from ckptfn._strategy import Strategy
+from ckptfn.core.config import Config
+from ckptfn.core.step import best_values, init, step
+from ckptfn.core.errors import CheckpointError, ConfigError
+from ckptfn.cli.history import HistoryError, load_config_file, load_history
+from ckptfn.core.metadata import flatten_metrics
+from ckptfn.core.naming import archived_of
+from ckptfn.io.read import read_metadata, visible_files
+from ckptfn.core.naming import DCP_SUFFIX
+from ckptfn.core.actions import Periodic, Save
+from ckptfn.core.strategy import Strategy
 
 __all__ = ["main"]
 
@@ -201,7 +201,7 @@ def plot_replay(history: Sequence[Mapping], per_row, config: Config):
         import matplotlib.pyplot as plt
     except ImportError:
         raise UserError("--plot needs matplotlib: pip install 'ckptfn[plot]'") from None
-    from ckptfn._metrics import MISSING, lookup, metric_value
+    from ckptfn.core.metrics import MISSING, lookup, metric_value
 
     metrics = list(dict.fromkeys(s.metric_name for s in config.strategies if isinstance(s, Strategy)))
     if not metrics:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Mapping, Sequence
 
-from ckptfn._actions import Periodic, Save
-from ckptfn._errors import MetricTypeError, PayloadError
-from ckptfn._metrics import element_count, metric_value
+from ckptfn.core.actions import Periodic, Save
+from ckptfn.core.errors import MetricTypeError, PayloadError
+from ckptfn.core.metrics import element_count, metric_value
 
 __all__ = [
     "FORMAT",
@@ -102,10 +102,10 @@ def to_plain(value: object, path: str = "metadata") -> object:
 def save_entry(save: Save | Periodic) -> dict:
     """What a checkpoint records about one strategy that chose it.
 
-    >>> from ckptfn._strategy import Strategy
+    >>> from ckptfn.core.strategy import Strategy
     >>> save_entry(Save(Strategy("val_corr", mode="max"), epoch=4, value=0.8, previous=0.7))["value"]
     0.8
-    >>> from ckptfn._every import Every
+    >>> from ckptfn.core.every import Every
     >>> save_entry(Periodic(Every(2), epoch=5))
     {'every_n_epochs': 2, 'filename': 'last.pt', 'overwrite': True, 'epoch': 5}
     """

@@ -22,9 +22,9 @@ from collections.abc import Iterable
 
 import attrs
 
-import ckptfn._actions
-from ckptfn._config import Config
-from ckptfn._errors import (
+import ckptfn.core.actions
+from ckptfn.core.config import Config
+from ckptfn.core.errors import (
     CheckpointError,
     CheckpointNotFoundError,
     CheckpointWriteError,
@@ -32,14 +32,14 @@ from ckptfn._errors import (
     MetricTypeError,
     PayloadError,
 )
-from ckptfn._state import State, restore
+from ckptfn.core.state import State, restore
 
 __all__ = ["decision_from_wire", "decision_to_wire", "failure_from_wire", "failure_to_wire", "is_failure"]
 
 #: Every action record (an attrs class with a ``strategy`` field), by class name.
 _ACTIONS = {
     kind.__name__: kind
-    for kind in vars(ckptfn._actions).values()
+    for kind in vars(ckptfn.core.actions).values()
     if isinstance(kind, type) and attrs.has(kind) and "strategy" in attrs.fields_dict(kind)
 }
 
@@ -74,8 +74,8 @@ def _action_to_wire(action: object, index_of: dict[str, int]) -> tuple:
 def decision_to_wire(state: State, actions: Iterable[object]) -> tuple:
     """``step``'s outcome (the new state and its actions) as plain data.
 
-    >>> from ckptfn._core import init, step
-    >>> from ckptfn._strategy import Strategy
+    >>> from ckptfn.core.step import init, step
+    >>> from ckptfn.core.strategy import Strategy
     >>> state, actions = step(init(Strategy("val_loss")), {"val_loss": 0.5}, 3)
     >>> wire = decision_to_wire(state, actions)
     >>> wire[1], wire[3]
@@ -100,8 +100,8 @@ def decision_from_wire(config: Config, wire: tuple) -> tuple[State, tuple]:
     The sender's strategies (by filename, in order) must be this ``config``'s,
     else a ``ConfigError`` names both lists: ranks must be configured alike.
 
-    >>> from ckptfn._core import init, step
-    >>> from ckptfn._strategy import Strategy
+    >>> from ckptfn.core.step import init, step
+    >>> from ckptfn.core.strategy import Strategy
     >>> state, actions = step(init(Strategy("val_loss")), {"val_loss": 0.5}, 3)
     >>> decision_from_wire(state.config, decision_to_wire(state, actions)) == (state, actions)
     True

@@ -10,7 +10,7 @@ import math
 import numbers
 from collections.abc import Mapping
 
-from ckptfn._errors import MetricTypeError
+from ckptfn.core.errors import MetricTypeError
 
 __all__ = ["MISSING", "element_count", "lookup", "metric_value"]
 

@@ -1,0 +1,1 @@
+"""The ``ckptfn`` command line: ``demo``, ``inspect`` and ``replay``."""

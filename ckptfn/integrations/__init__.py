@@ -1,0 +1,1 @@
+"""Adapters for other libraries' training loops (each an optional extra)."""

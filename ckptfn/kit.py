@@ -1,0 +1,59 @@
+"""The shell kit: what someone writing a new integration (a training loop, a callback) needs.
+
+Stable and documented; every name here has a runnable example in its docstring.
+An integration is thin: it calls ``ckptfn.step``, then these, in this order:
+
+>>> import tempfile, torch, ckptfn
+>>> from ckptfn import kit
+>>> old = ckptfn.init([ckptfn.Strategy("val_loss"), ckptfn.Every(1, filename="last.pt")])
+>>> with tempfile.TemporaryDirectory() as directory:
+...     new, actions = ckptfn.step(old, {"val_loss": 0.5}, epoch=0)
+...     saves, skips = kit.partition(actions)
+...     snapshot = kit.plan(saves, state=new, metrics={"val_loss": 0.5})
+...     written = kit.write(directory, snapshot, {"model": {"w": torch.zeros(2)}})
+...     state = kit.state_to_keep(old.config, directory, old, new, written)
+...     written.raise_error()
+...     [p.name for p in written.paths], kit.restore_from_directory(old.config, directory) == state
+(['best_val_loss.pt', 'last.pt'], True)
+
+The pure parts (``partition``, ``plan_snapshot``, ``commit``, ``roll_back``,
+``plan_prune``, ``new_skips``) are functions of their arguments only; ``plan``,
+``write``, ``state_to_keep``, ``restore_from_directory`` and ``read_metadata`` touch
+the clock or the files. ``FileSystem`` is the seam all writes go through
+(subclass it to count or fail operations in tests).
+"""
+
+from ckptfn.core.commit import Outcome, commit, roll_back
+from ckptfn.core.retention import plan_prune
+from ckptfn.core.snapshot import Snapshot, Target, partition, plan_snapshot
+from ckptfn.core.state import resume_state
+from ckptfn.core.step import new_skips
+from ckptfn.io.fs import REAL, FileSystem
+from ckptfn.io.read import load_checkpoint, read_metadata, restore_from_directory
+from ckptfn.io.write import Written, versions, write
+from ckptfn.shells.recipe import plan, report_skips, state_to_keep, utc_now
+
+__all__ = [
+    "REAL",
+    "FileSystem",
+    "Outcome",
+    "Snapshot",
+    "Target",
+    "Written",
+    "commit",
+    "load_checkpoint",
+    "new_skips",
+    "partition",
+    "plan",
+    "plan_prune",
+    "plan_snapshot",
+    "read_metadata",
+    "report_skips",
+    "restore_from_directory",
+    "resume_state",
+    "roll_back",
+    "state_to_keep",
+    "utc_now",
+    "versions",
+    "write",
+]

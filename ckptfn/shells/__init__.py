@@ -1,0 +1,1 @@
+"""Thin imperative shells: call the core, the one write function, then the pure commit rule."""

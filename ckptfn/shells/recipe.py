@@ -1,0 +1,80 @@
+"""The write recipe every shell follows, in the effectful pieces the core cannot hold.
+
+A shell's step, whatever the training loop around it::
+
+    new, actions = step(old, metrics, epoch)            # pure
+    saves, skips = partition(actions)                   # pure
+    snapshot = plan(saves, state=new, metrics=metrics)  # pure, given the clock read here
+    written = write(directory, snapshot, payload)       # the one write function
+    kept = state_to_keep(config, directory, old, new, written)  # the pure commit rule
+    written.raise_error()
+
+``plan`` reads the clock and the library versions; ``state_to_keep`` reads the
+files only when the commit rule needs them (a write that failed after
+publishing). ``report_skips`` says once per strategy and reason that a metric was
+missing or not finite.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+
+from ckptfn.core.actions import Periodic, Save, Skip
+from ckptfn.core.commit import commit
+from ckptfn.core.errors import MetricWarning
+from ckptfn.core.snapshot import Snapshot, plan_snapshot
+from ckptfn.core.state import State
+from ckptfn.core.step import new_skips
+from ckptfn.io.read import restore_from_directory
+from ckptfn.io.write import Written, versions
+
+__all__ = ["plan", "report_skips", "state_to_keep", "utc_now"]
+
+logger = logging.getLogger("ckptfn")
+
+
+def utc_now() -> dt.datetime:
+    """The wall clock, in UTC (the only clock the library reads)."""
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def plan(
+    saves: Sequence[Save | Periodic],
+    *,
+    state: State | None = None,
+    metrics: Mapping | None = None,
+    now: dt.datetime | None = None,
+    extra: Mapping | None = None,
+) -> Snapshot:
+    """``ckptfn.core.snapshot.plan_snapshot`` with the clock (unless ``now`` is given) and
+    this process's library versions."""
+    return plan_snapshot(
+        saves, now=utc_now() if now is None else now, versions=versions(), state=state, metrics=metrics, extra=extra
+    )
+
+
+def state_to_keep(
+    config: object, directory: str | os.PathLike, old: State, new: State, written: Written
+) -> State:
+    """The commit rule (``ckptfn.core.commit.commit``) for ``written``, reading the files in
+    ``directory`` only when the write failed after publishing something."""
+    on_disk = restore_from_directory(config, directory) if written.outcome.touched_disk else None
+    return commit(old, new, written.outcome, on_disk)
+
+
+def report_skips(
+    seen: frozenset[tuple[str, str]], actions: Iterable[object], *, stacklevel: int = 2, loud: bool = True
+) -> frozenset[tuple[str, str]]:
+    """Warn (``MetricWarning``) about the first skip of each strategy and reason, log the
+    repeats at DEBUG; the grown ``seen`` set. ``loud=False`` (a rank other than 0) says nothing."""
+    seen, first, repeats = new_skips(seen, (action for action in actions if isinstance(action, Skip)))
+    if loud:
+        for skip in first:
+            warnings.warn(f"{skip} (further such epochs are logged at DEBUG)", MetricWarning, stacklevel=stacklevel + 1)
+        for skip in repeats:
+            logger.debug("%s", skip)
+    return seen
