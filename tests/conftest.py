@@ -47,12 +47,13 @@ def small_tmpfs(tmp_path):
 
 #: Test modules the nested README run (tests/test_readme_commands.py) collects: fast, and exercising
 #: the installed package (the core's laws, the executor's files).
-NESTED_README_MODULES = ("test_core.py", "test_executor.py")
+NESTED_README_MODULES = ("tests/core/test_step.py", "tests/io/test_write.py")
 
 
 def pytest_collection_modifyitems(config, items):
     if os.environ.get("CKPTFN_NESTED_README_RUN") != "1":
         return
-    keep = [item for item in items if pathlib.Path(str(item.fspath)).name in NESTED_README_MODULES]
+    wanted = {config.rootpath / name for name in NESTED_README_MODULES}
+    keep = [item for item in items if item.path in wanted]
     config.hook.pytest_deselected(items=[item for item in items if item not in keep])
     items[:] = keep

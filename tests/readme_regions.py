@@ -14,8 +14,9 @@ A region is a block of README text between two marker lines, each a line of its 
 
 The content is stored in a canonical form (one blank line after the begin marker,
 one before the end marker), so writing a region's own body back changes nothing.
-``tests/benchmarks/run.py --write-readme`` and ``tests/reliability/report.py
---write-readme`` call :func:`write_region`; ``tests/test_readme_regions.py``
+``tests/benchmarks/run.py --write-readme``, ``tests/reliability/report.py
+--write-readme`` and ``tests/benchmarks/lightning_bytes.py --write-readme`` call
+:func:`write_region`; ``tests/test_readme_regions.py``
 checks that every region of the README parses.
 
 >>> text = "intro\\n<!-- begin: demo -->\\n\\n| a | b |\\n|---|---:|\\n| 1 | 2 |\\n\\n<!-- end: demo -->\\nrest\\n"

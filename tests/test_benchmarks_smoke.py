@@ -47,3 +47,34 @@ def test_the_benchmark_suite_prints_one_well_formed_table(tmp_path):
             holds = float(ratio) <= float(bound) if op == "<=" else float(ratio) >= float(bound)
             assert met == ("yes" if holds else "no"), row
     assert list(tmp_path.iterdir()) == []  # the benchmark's files are gone
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/io"), reason="the script reads Linux's /proc/self/io")
+def test_the_lightning_bytes_script_writes_its_region(tmp_path, monkeypatch):
+    pytest.importorskip("lightning")
+    import tests.readme_regions
+    from tests.benchmarks import lightning_bytes
+    from tests.readme_regions import README, find_regions, parse_table
+
+    readme = tmp_path / "README.md"
+    readme.write_text(README.read_text(encoding="utf-8"), encoding="utf-8")
+    before = find_regions(readme.read_text())[lightning_bytes.REGION]
+    monkeypatch.setattr(tests.readme_regions, "README", readme)
+    work = tmp_path / "work"
+    work.mkdir()
+    arguments = ["--epochs", "2", "--dir", str(work)]
+    assert lightning_bytes.main([*arguments, "--write-readme"]) == 0
+    text = readme.read_text()
+    region = find_regions(text)[lightning_bytes.REGION]
+    note = region.body.splitlines()[0]
+    assert note.startswith("Measured ")
+    assert f"`python tests/benchmarks/lightning_bytes.py {' '.join(arguments)} --write-readme`" in note
+    assert "2 epochs" in note and "Both setups found the same bests" in note
+    table = parse_table(region.body)
+    assert table.header == lightning_bytes.COLUMNS and len(table.rows) == 2
+    ours = float(table.rows[1][3])
+    assert 1.9 <= ours <= 2.1  # one write per epoch (checkpoints differ in size by a few percent)
+    assert float(table.rows[0][3]) > ours  # the separate callbacks write at least that, and more
+    original = README.read_text(encoding="utf-8")
+    assert text[: region.start] == original[: before.start] and text[region.end :] == original[before.end :]
+    assert list(work.iterdir()) == []  # the fits' files are gone

@@ -1,7 +1,8 @@
 """The README's measured tables sit in marked regions that the measuring scripts write.
 
-No figure in these tables is copied by hand: ``tests/benchmarks/run.py --write-readme``
-and ``tests/reliability/report.py --write-readme`` write them (see tests/readme_regions.py).
+No figure in these tables is copied by hand: ``tests/benchmarks/run.py --write-readme``,
+``tests/reliability/report.py --write-readme`` and ``tests/benchmarks/lightning_bytes.py
+--write-readme`` write them (see tests/readme_regions.py).
 These tests check that every region is well-formed and parses, that the tables are
 consistent with themselves, and that replacing a region touches nothing else.
 """
@@ -13,6 +14,7 @@ import re
 
 import pytest
 
+from tests.benchmarks import lightning_bytes
 from tests.benchmarks.measure import COLUMNS, Row, render
 from tests.readme_regions import (
     README,
@@ -32,6 +34,7 @@ EXPECTED = {
     "benchmark": ("tests/benchmarks/run.py", COLUMNS),
     "benchmark-again": ("tests/benchmarks/run.py", COLUMNS),
     "reliability": ("tests/reliability/report.py", RELIABILITY_COLUMNS),
+    "lightning-bytes": ("tests/benchmarks/lightning_bytes.py", lightning_bytes.COLUMNS),
 }
 NOTE = re.compile(r"Measured (\d{4}-\d{2}-\d{2}) with `python (\S+)( [^`]*)?`: ckptfn \S+")
 
@@ -89,6 +92,15 @@ def test_the_reliability_totals_are_the_sums_of_its_rows():
             if not (nested and index == 0):
                 sums[index] += int(count)
     assert [int(cell.strip("*")) for cell in total[1:]] == sums
+
+
+def test_the_lightning_bytes_ratios_are_bytes_over_checkpoint_size():
+    table = region_table(TEXT, "lightning-bytes")
+    assert table.column("setup") == list(lightning_bytes.SETUPS.values())
+    for cells in table.rows:
+        row = dict(zip(table.header, cells))
+        written, size = (int(row[key].replace(",", "")) for key in ("bytes written", "one checkpoint (bytes)"))
+        assert f"{written / size:.2f}" == row["checkpoints written"], cells
 
 
 # --- replacing a region ------------------------------------------------------------------------

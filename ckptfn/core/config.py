@@ -14,7 +14,7 @@ import attrs
 
 from ckptfn.core.errors import ConfigError, _join_path
 from ckptfn.core.every import EVERY_KEYS, Every
-from ckptfn.core.naming import dcp_name
+from ckptfn.core.naming import archived_of, dcp_name
 from ckptfn.core.strategy import Strategy, check_bool
 
 __all__ = ["STRATEGY_KEYS", "Config", "as_config", "parse_strategy"]
@@ -67,8 +67,27 @@ def _to_strategies(value: object) -> tuple[Strategy | Every, ...]:
     return items
 
 
+def _archive_name_clash(strategies: tuple, prefix: str) -> ConfigError | None:
+    """A strategy whose filename has the form of another strategy's archived versions would be
+    deleted by that strategy's ``keep`` (or taken for one of its versions): refused.
+
+    >>> print(_archive_name_clash((Strategy("a", filename="model.pt"),
+    ...                            Strategy("b", filename="model_20250101T000000000000Z.pt")), "strategies"))
+    strategies[1].filename: 'model_20250101T000000000000Z.pt' has the form of an archived version of 'model.pt' (strategies[0]); choose a name that is not <stem>_<UTC stamp><suffix>
+    """
+    for index, strategy in enumerate(strategies):
+        for other, owner in enumerate(strategies):
+            if other != index and archived_of(strategy.filename, owner.filename):
+                return ConfigError(
+                    f"{strategy.filename!r} has the form of an archived version of {owner.filename!r} "
+                    f"({_join_path(prefix, f'[{other}]')}); choose a name that is not <stem>_<UTC stamp><suffix>",
+                    _join_path(prefix, f"[{index}].filename"),
+                )
+    return None
+
+
 def _check_unique_filenames(_inst: object, _attribute: attrs.Attribute, value: tuple) -> None:
-    error = _duplicate_error(value, "strategies")
+    error = _duplicate_error(value, "strategies") or _archive_name_clash(value, "strategies")
     if error is not None:
         raise error
 
@@ -234,7 +253,7 @@ def _parse_sequence(obj: object, path: str) -> tuple[Strategy | Every, ...]:
     strategies = tuple(
         parse_strategy(item, _join_path(path, f"[{index}]")) for index, item in enumerate(obj)
     )
-    error = _duplicate_error(strategies, path)
+    error = _duplicate_error(strategies, path) or _archive_name_clash(strategies, path)
     if error is not None:
         raise error
     return strategies

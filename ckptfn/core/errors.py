@@ -57,19 +57,57 @@ class ConfigError(ValueError):
 
 
 class MetricTypeError(TypeError):
-    """A monitored metric has a value that is not a real number."""
+    """A monitored metric has a value that is not a real number.
+
+    Raised by ``step`` (and so by every shell) before anything is decided or written;
+    a number, a numpy scalar or a one-element tensor is accepted.
+
+    >>> import ckptfn
+    >>> state = ckptfn.init(ckptfn.Strategy("val_loss"))
+    >>> ckptfn.step(state, {"val_loss": "low"}, epoch=0)
+    Traceback (most recent call last):
+    ...
+    ckptfn.MetricTypeError: metric 'val_loss': expected a real number or a one-element tensor, got str 'low'
+    """
 
     __module__ = "ckptfn"
 
 
 class MetricWarning(UserWarning):
-    """A monitored metric was missing or not finite, so its strategy skipped."""
+    """A monitored metric was missing or not finite, so its strategy skipped.
+
+    Warned once per strategy and reason (repeats are logged at DEBUG); filter it with
+    ``warnings.filterwarnings("ignore", category=ckptfn.MetricWarning)``.
+
+    >>> import tempfile, warnings, ckptfn
+    >>> with tempfile.TemporaryDirectory() as directory, warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     manager = ckptfn.CheckpointManager(directory, ckptfn.Strategy("val_loss"))
+    ...     manager.update({"train_loss": 0.3}, {}, epoch=0)  # no val_loss: nothing saved
+    []
+    >>> [(w.category.__name__, str(w.message)) for w in caught]
+    [('MetricWarning', 'val_loss is missing at epoch 0; best_val_loss.pt not saved (further such epochs are logged at DEBUG)')]
+    """
 
     __module__ = "ckptfn"
 
 
 class CheckpointError(Exception):
-    """A checkpoint file could not be read, or is not a (safe) ckptfn checkpoint."""
+    """A checkpoint file could not be read, or is not a (safe) ckptfn checkpoint.
+
+    The base of ``CheckpointNotFoundError`` and ``CheckpointWriteError``; raised by
+    ``load_checkpoint``, ``read_metadata`` and ``load_sharded`` for corrupt, foreign
+    or unsafe files (never by falling back to unsafe unpickling).
+
+    >>> import pathlib, tempfile, ckptfn
+    >>> with tempfile.TemporaryDirectory() as directory:
+    ...     path = pathlib.Path(directory, "notes.pt")
+    ...     _ = path.write_text("not a checkpoint")
+    ...     ckptfn.load_checkpoint(path)
+    Traceback (most recent call last):
+    ...
+    ckptfn.CheckpointError: ...notes.pt: not a ckptfn checkpoint (not a torch zip archive)
+    """
 
     __module__ = "ckptfn"
 
@@ -79,6 +117,17 @@ class CheckpointWriteError(CheckpointError):
 
     ``published`` lists the final paths that already hold the new snapshot when
     the failure hit (empty when nothing changed on disk).
+
+    >>> import pathlib, tempfile, torch, ckptfn
+    >>> with tempfile.TemporaryDirectory() as directory:
+    ...     blocker = pathlib.Path(directory, "not_a_directory")
+    ...     _ = blocker.write_text("")
+    ...     manager = ckptfn.CheckpointManager(blocker / "checkpoints", ckptfn.Strategy("val_loss"))
+    ...     try:
+    ...         manager.update({"val_loss": 0.5}, {"w": torch.zeros(2)}, epoch=0)
+    ...     except ckptfn.CheckpointWriteError as error:
+    ...         print(error.published, manager.best_values)  # nothing moved: the next epoch retries
+    () {'best_val_loss.pt': None}
     """
 
     __module__ = "ckptfn"
@@ -90,13 +139,41 @@ class CheckpointWriteError(CheckpointError):
 
 class PayloadError(CheckpointWriteError, TypeError):
     """Something in the payload or metadata cannot be stored so that it loads with
-    ``torch.load(weights_only=True)``; raised before anything is written."""
+    ``torch.load(weights_only=True)``; raised before anything is written.
+
+    The message names the key path of the offending value.
+
+    >>> import os, tempfile, torch, ckptfn
+    >>> with tempfile.TemporaryDirectory() as directory:
+    ...     manager = ckptfn.CheckpointManager(directory, ckptfn.Strategy("val_loss"))
+    ...     try:
+    ...         manager.update({"val_loss": 0.5}, {"w": torch.zeros(2), "hook": object()}, epoch=0)
+    ...     except ckptfn.PayloadError as error:
+    ...         print(error)
+    ...     os.listdir(directory), manager.best_values
+    payload['hook']: builtins.object does not load with torch.load(weights_only=True); ...
+    ([], {'best_val_loss.pt': None})
+    """
 
     __module__ = "ckptfn"
 
 
 class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
-    """The checkpoint path does not exist; the message lists what the directory holds."""
+    """The checkpoint path does not exist; the message lists what the directory holds.
+
+    It is also a ``FileNotFoundError`` (with ``filename`` set), so code that already
+    catches that keeps working.
+
+    >>> import tempfile, ckptfn
+    >>> with tempfile.TemporaryDirectory() as directory:
+    ...     try:
+    ...         ckptfn.load_checkpoint(f"{directory}/best_val_loss.pt")
+    ...     except FileNotFoundError as error:
+    ...         print(type(error).__name__, error.filename.endswith("best_val_loss.pt"))
+    ...         print(error)
+    CheckpointNotFoundError True
+    /...best_val_loss.pt: no such checkpoint; /... holds: no checkpoint files
+    """
 
     __module__ = "ckptfn"
 

@@ -86,6 +86,13 @@ def due(every: Every, last_epoch: int | None, epoch: int) -> bool:
     [2, 5, 8]
     >>> due(Every(4), None, 4), due(Every(4), 4, 6), due(Every(4), 4, 8)
     (True, False, True)
+
+    When the epoch goes backwards (a resumed run counting from 0 again, a second
+    training phase), the last save belongs to an earlier phase: the new phase saves
+    as a fresh run would, so ``last.pt`` never stays at the old phase's epoch.
+
+    >>> due(Every(1), 9, 0), due(Every(3), 9, 1), due(Every(3), 9, 2), due(Every(1), 9, 9)
+    (True, False, True, False)
     """
-    since = 0 if last_epoch is None else last_epoch + 1
+    since = 0 if last_epoch is None or epoch < last_epoch else last_epoch + 1
     return (epoch + 1) // every.n_epochs > since // every.n_epochs

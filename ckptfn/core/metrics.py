@@ -16,7 +16,13 @@ __all__ = ["MISSING", "element_count", "lookup", "metric_value"]
 
 
 class _Missing:
-    """Sentinel for a metric that is not in the mapping."""
+    """Sentinel for a metric that is not in the mapping (the one instance is ``MISSING``).
+
+    >>> lookup({"val_loss": 0.5}, "val_acc") is MISSING
+    True
+    >>> MISSING
+    MISSING
+    """
 
     __slots__ = ()
 

@@ -54,7 +54,17 @@ def _check_epoch_matches_value(inst: Best, _attribute: attrs.Attribute, epoch: o
 
 @attrs.frozen
 class Best:
-    """A strategy's best so far: the value saved and the epoch it was saved at (both None before)."""
+    """A strategy's best so far: the value saved and the epoch it was saved at (both None before).
+
+    The value is a finite float; value and epoch are set together or not at all.
+
+    >>> Best(), Best(0.25, 3)
+    (Best(value=None, epoch=None), Best(value=0.25, epoch=3))
+    >>> Best(0.25)
+    Traceback (most recent call last):
+    ...
+    ckptfn.ConfigError: value 0.25 and epoch None must both be None or both set
+    """
 
     value: float | None = attrs.field(default=None, validator=_check_best_value)
     epoch: int | None = attrs.field(
@@ -64,7 +74,17 @@ class Best:
 
 @attrs.frozen
 class Last:
-    """An ``Every`` strategy's state: the epoch of its last periodic save (None before)."""
+    """An ``Every`` strategy's state: the epoch of its last periodic save (None before).
+
+    >>> import ckptfn
+    >>> state = ckptfn.init(ckptfn.Every(2, filename="last.pt"))
+    >>> state.bests
+    (Last(epoch=None),)
+    >>> state, _ = ckptfn.step(state, {}, epoch=0)
+    >>> state, _ = ckptfn.step(state, {}, epoch=1)  # every 2nd epoch: epochs 1, 3, 5, ...
+    >>> state.bests
+    (Last(epoch=1),)
+    """
 
     epoch: int | None = attrs.field(default=None, validator=_check_count)
 
@@ -98,7 +118,21 @@ def _check_bests(inst: State, _attribute: attrs.Attribute, bests: tuple) -> None
 @attrs.frozen
 class State:
     """The configuration, one ``Best`` (or ``Last`` for an ``Every``) per strategy, in the
-    same order, and the number of steps taken."""
+    same order, and the number of steps taken.
+
+    Immutable: ``step`` returns a new one. ``to_dict`` and ``restore`` round-trip it
+    through plain data.
+
+    >>> import ckptfn
+    >>> state = ckptfn.init([ckptfn.Strategy("val_loss"), ckptfn.Every(2)])
+    >>> state.bests, state.steps
+    ((Best(value=None, epoch=None), Last(epoch=None)), 0)
+    >>> state, _ = ckptfn.step(state, {"val_loss": 0.5}, epoch=0)
+    >>> state.bests, state.steps
+    ((Best(value=0.5, epoch=0), Last(epoch=None)), 1)
+    >>> restore(state.config, state.to_dict()) == state
+    True
+    """
 
     config: Config = attrs.field(validator=attrs.validators.instance_of(Config))
     bests: tuple[Best | Last, ...] = attrs.field(

@@ -43,6 +43,8 @@ def _judge(
 ) -> tuple[Best, Action | None]:
     """One strategy's verdict on one epoch: its new best and its action (None: no change)."""
     if type(strategy) is Every:  # periodic: the metrics do not matter
+        if best.epoch is not None and epoch < best.epoch:
+            best = Last()  # the epoch went backwards: a new phase, saving as a fresh run would
         if not due(strategy, best.epoch, epoch):
             return best, None
         return Last(epoch), Periodic(strategy, epoch)
@@ -104,17 +106,23 @@ def step(state: State, metrics: Mapping, epoch: int | None = None) -> tuple[Stat
 
 
 def scan(
-    state: State, history: Iterable[Mapping]
+    state: State, history: Iterable[Mapping], epochs: Iterable[int | None] | None = None
 ) -> tuple[State, tuple[tuple[Action, ...], ...]]:
     """Fold ``step`` over a metric history: the final state and each step's actions.
+
+    ``epochs`` (one per row) gives each row's epoch; by default rows count 0, 1, 2, ...
 
     >>> final, actions = scan(init(Strategy("val_loss")), [{"val_loss": v} for v in (3, 1, 2, 0)])
     >>> [[a.epoch for a in step_actions] for step_actions in actions]
     [[0], [1], [], [3]]
     >>> best_values(final)
     {'best_val_loss.pt': 0.0}
+    >>> [[a.epoch for a in s] for s in scan(init(Strategy("val_loss")), [{"val_loss": 2}, {"val_loss": 1}], [4, 9])[1]]
+    [[4], [9]]
     """
-    carries = toolz.accumulate(lambda carry, metrics: step(carry[0], metrics), history, (state, ()))
+    rows = history if epochs is None else zip(history, epochs, strict=True)
+    advance = (lambda carry, row: step(carry[0], row)) if epochs is None else (lambda carry, row: step(carry[0], *row))
+    carries = toolz.accumulate(advance, rows, (state, ()))
     final, per_step = next(carries)[0], []
     for final, actions in carries:
         per_step.append(actions)

@@ -69,6 +69,17 @@ class Checkpointing(Checkpoint):
     ``State``: it goes into every Lightning checkpoint, so ``fit(ckpt_path=...)``
     restores the bests (reconciled with the files in ``dirpath``, which win for metric
     strategies, as with ``CheckpointManager(resume=True)``).
+
+    Pass it to ``lightning.pytorch.Trainer(callbacks=[...])``; constructing it writes nothing:
+
+    >>> import ckptfn
+    >>> callback = Checkpointing([ckptfn.Strategy("val_loss")], dirpath="checkpoints")
+    >>> callback.best_values, callback.best_model_path
+    ({'best_val_loss.pt': None}, '')
+    >>> saved = ckptfn.State(callback.config, [ckptfn.Best(0.25, 3)], steps=4).to_dict()
+    >>> callback.load_state_dict(saved)  # what fit(ckpt_path=...) does
+    >>> callback.best_values, callback.best_model_path
+    ({'best_val_loss.pt': 0.25}, 'checkpoints/best_val_loss.pt')
     """
 
     def __init__(
@@ -275,6 +286,13 @@ def weights_only_checkpoint(checkpoint: dict) -> dict:
     ``load_from_checkpoint`` builds an ``AttributeDict`` (attribute access at the top
     level, ``cfg.lr``). Anything else that does not load with ``weights_only=True`` is
     a ``PayloadError`` naming its key when the file is written.
+
+    >>> from lightning.fabric.utilities.data import AttributeDict
+    >>> checkpoint = {"state_dict": {}, "hyper_parameters": AttributeDict(lr=0.1), "hparams_type": AttributeDict}
+    >>> weights_only_checkpoint(checkpoint)["hparams_type"]  # a class becomes its name
+    'lightning.fabric.utilities.data.AttributeDict'
+    >>> checkpoint["hparams_type"] is AttributeDict  # the given dict is not changed
+    True
     """
     converted = dict(checkpoint)
     for owner in _HPARAMS_OWNERS:

@@ -156,7 +156,6 @@ def _safe_load_bytes(value: io.BytesIO, fqn: str) -> object:
 @functools.cache
 def _dcp():
     """DCP and ckptfn's safe reader/planners over it, built on first use (imports DCP)."""
-    import torch  # lazily: reading ckptfn.json needs no torch
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import DefaultLoadPlanner, DefaultSavePlanner, FileSystemReader
     from torch.distributed.checkpoint.metadata import StorageMeta
@@ -264,6 +263,18 @@ def load_sharded(path: str | os.PathLike, state_dict: dict, *, process_group: ob
     ``torch.distributed.checkpoint.state_dict.get_state_dict(model, optimizer)``);
     each rank reads the pieces its shards need, so the saved and the loading
     sharding may differ (DCP reshards). Then apply it, e.g. with ``set_state_dict``.
+
+    In a single process (no process group), plain tensors work too:
+
+    >>> import tempfile, torch, ckptfn
+    >>> with tempfile.TemporaryDirectory() as directory:
+    ...     manager = ckptfn.CheckpointManager(directory, ckptfn.Strategy("val_loss"), sharded=True)
+    ...     [path.name for path in manager.update({"val_loss": 0.5}, {"w": torch.arange(4.0)}, epoch=0)]
+    ...     template = {"w": torch.zeros(4)}
+    ...     state_dict, metadata = load_sharded(f"{directory}/best_val_loss.dcp", template)
+    ['best_val_loss.dcp']
+    >>> state_dict is template, template["w"].tolist(), metadata["saves"][0]["value"]
+    (True, [0.0, 1.0, 2.0, 3.0], 0.5)
     """
     path = pathlib.Path(path)
     metadata = read_sharded_metadata(path)

@@ -134,7 +134,26 @@ class _SeamFile(io.RawIOBase):
 
 
 class FileSystem:
-    """The real file system. Subclass and override to count, fail or cut operations."""
+    """The real file system. Subclass and override to count, fail or cut operations.
+
+    ``REAL`` is the instance the library uses; every writer takes an ``fs`` to use
+    instead. Here every fsync fails as on a full disk: the write reports the
+    error and leaves no partial file behind.
+
+    >>> import errno, os, tempfile, torch, ckptfn
+    >>> from ckptfn import kit
+    >>> class FullDisk(FileSystem):
+    ...     def fsync(self, raw):
+    ...         raise OSError(errno.ENOSPC, "No space left on device")
+    >>> isinstance(REAL, FileSystem)
+    True
+    >>> new, actions = ckptfn.step(ckptfn.init(ckptfn.Strategy("val_loss")), {"val_loss": 0.5}, epoch=0)
+    >>> snapshot = kit.plan(kit.partition(actions)[0], state=new)
+    >>> with tempfile.TemporaryDirectory() as directory:
+    ...     written = kit.write(directory, snapshot, {"w": torch.zeros(2)}, fs=FullDisk())
+    ...     written.paths, written.error, os.listdir(directory)
+    ((), CheckpointWriteError('could not write ...best_val_loss.pt: OSError: [Errno 28] No space left on device'), [])
+    """
 
     def mkdir(self, path: pathlib.Path) -> None:
         """Create ``path`` and its missing parents; each new directory's entry is made durable

@@ -125,11 +125,23 @@ def _torch_load(path: pathlib.Path, **options) -> dict:
         raise CheckpointError(f"{path}: cannot be loaded safely ({_first_line(error)})") from error
     parts = decompose(loaded)  # the nested layout, or the flat one of Lightning checkpoints
     if parts is None:
+        newer = _format_of(loaded)
+        if newer is not None:
+            raise CheckpointError(
+                f"{path}: written by another version of ckptfn (format {newer!r}; this version reads {FORMAT!r})"
+            )
         raise CheckpointError(
             f"{path}: not a ckptfn checkpoint (no {FORMAT!r} metadata); "
             "a plain torch.save file loads with torch.load(path, weights_only=True)"
         )
     return {"state_dict": parts[0], "metadata": parts[1]}
+
+
+def _format_of(loaded: object) -> str | None:
+    """The ``format`` of a file's ckptfn metadata when it is a ckptfn format other than this one's."""
+    metadata = loaded.get("metadata") if isinstance(loaded, dict) else None
+    found = metadata.get("format") if isinstance(metadata, dict) else None
+    return found if isinstance(found, str) and found.startswith("ckptfn/") and found != FORMAT else None
 
 
 def _load(path: str | os.PathLike, **options) -> dict:
@@ -148,6 +160,14 @@ def load_checkpoint(path: str | os.PathLike, map_location: object = "cpu") -> tu
     ``CheckpointError`` for corrupt, foreign or unsafe files. A sharded checkpoint
     directory (``best_loss.dcp``) is loaded whole, into plain CPU tensors, in this
     process; to load it into sharded tensors use ``ckptfn.load_sharded``.
+
+    >>> import tempfile, torch, ckptfn
+    >>> with tempfile.TemporaryDirectory() as directory:
+    ...     manager = ckptfn.CheckpointManager(directory, ckptfn.Strategy("val_loss"))
+    ...     _ = manager.update({"val_loss": 0.5}, {"w": torch.ones(2)}, epoch=3)
+    ...     state_dict, metadata = load_checkpoint(f"{directory}/best_val_loss.pt")
+    >>> state_dict, metadata["epoch"], metadata["saves"][0]["value"]
+    ({'w': tensor([1., 1.])}, 3, 0.5)
     """
     if _is_sharded(path):
         return load_consolidated(path)
@@ -156,7 +176,21 @@ def load_checkpoint(path: str | os.PathLike, map_location: object = "cpu") -> tu
 
 
 def read_metadata(path: str | os.PathLike) -> dict:
-    """The metadata of a checkpoint (file or sharded directory) without reading its tensor data."""
+    """The metadata of a checkpoint (file or sharded directory) without reading its tensor data.
+
+    The record ``load_checkpoint`` returns too: format, epoch, timestamp, saves (one
+    entry per strategy the file was saved for), metrics, manager_state and versions.
+
+    >>> import tempfile, torch, ckptfn
+    >>> with tempfile.TemporaryDirectory() as directory:
+    ...     manager = ckptfn.CheckpointManager(directory, ckptfn.Strategy("val_loss"))
+    ...     _ = manager.update({"val_loss": 0.5}, {"w": torch.ones(1000)}, epoch=3)
+    ...     metadata = read_metadata(f"{directory}/best_val_loss.pt")
+    >>> metadata["epoch"], [(save["metric_name"], save["value"]) for save in metadata["saves"]]
+    (3, [('val_loss', 0.5)])
+    >>> sorted(metadata)
+    ['epoch', 'format', 'manager_state', 'metrics', 'saves', 'timestamp', 'versions']
+    """
     if _is_sharded(path):
         return read_sharded_metadata(path)
     path = _checked_file(path)
@@ -166,43 +200,69 @@ def read_metadata(path: str | os.PathLike) -> dict:
     return _torch_load(path, map_location="cpu", mmap=True)["metadata"]
 
 
-def saved_metadata(directory: str | os.PathLike, filenames: Iterable[str]) -> dict[str, dict | None]:
-    """The metadata of each named file in ``directory``; None when missing or unreadable.
+#: What to do about a file at a watched name that cannot be judged (unreadable, damaged,
+#: foreign, of another ckptfn format): refuse to go on, or warn and treat the name as empty.
+UNREADABLE = ("error", "warn")
+
+
+def saved_metadata(
+    directory: str | os.PathLike, filenames: Iterable[str], *, unreadable: str = "error"
+) -> dict[str, dict | None]:
+    """The metadata of each named file in ``directory``; None when there is none.
 
     A name's sharded checkpoint (``best_loss.pt`` -> ``best_loss.dcp/``) counts too;
-    when both exist the newer one (by metadata timestamp) is the truth.
-    An unreadable file gives a ``UserWarning`` naming it: the strategy that owns
-    it starts fresh, and the file is left untouched.
+    when both exist the newer one (by metadata timestamp) is the truth. A file that
+    exists but cannot be judged is never taken for "absent" (the next save would
+    replace it): ``unreadable="error"`` raises a ``CheckpointError`` naming it;
+    ``"warn"`` (only where a better error is already being raised) warns instead.
     """
+    if unreadable not in UNREADABLE:
+        raise ValueError(f"unreadable: expected one of {UNREADABLE}, got {unreadable!r}")
     directory = pathlib.Path(directory)
     found: dict[str, dict | None] = {}
     for name in filenames:
         candidates = dict.fromkeys((directory / name, directory / dcp_name(name)))
-        saved = [meta for meta in map(_metadata_or_none, candidates) if meta is not None]
+        saved = [meta for path in candidates if (meta := _metadata_or_none(path, unreadable)) is not None]
         found[name] = max(saved, key=lambda meta: str(meta.get("timestamp") or ""), default=None)
     return found
 
 
-def _metadata_or_none(path: pathlib.Path) -> dict | None:
+def _metadata_or_none(path: pathlib.Path, unreadable: str) -> dict | None:
     try:
         return read_metadata(path)
     except CheckpointNotFoundError:
         return None
     except CheckpointError as error:
-        warnings.warn(f"ignoring unreadable checkpoint while resuming: {error}", stacklevel=4)
+        if unreadable == "error":
+            raise CheckpointError(
+                f"cannot judge the checkpoint at a watched name, so it is never replaced: {error}. "
+                "Move it away (or delete it), then start again"
+            ) from error
+        warnings.warn(f"ignoring unreadable checkpoint: {error}", stacklevel=4)
         return None
 
 
-def restore_from_directory(config: object, directory: str | os.PathLike) -> State:
+def restore_from_directory(config: object, directory: str | os.PathLike, *, unreadable: str = "error") -> State:
     """Resume: a ``State`` whose bests are what the checkpoint files in ``directory`` record.
 
     The files are the truth, not any state saved elsewhere: after a crash between
     two linked writes, no strategy believes in a best that no file holds. A
-    strategy whose file is missing, unreadable or was saved for another metric or
-    mode starts fresh.
+    strategy whose file is missing or was saved for another metric or mode starts
+    fresh. A file that exists but cannot be judged (unreadable, damaged, foreign,
+    another ckptfn format) raises a ``CheckpointError`` naming it (see
+    ``saved_metadata`` for ``unreadable``).
+
+    >>> import tempfile, torch, ckptfn
+    >>> config = [ckptfn.Strategy("val_loss"), ckptfn.Strategy("val_acc", mode="max")]
+    >>> with tempfile.TemporaryDirectory() as directory:
+    ...     manager = ckptfn.CheckpointManager(directory, config[:1])  # val_acc never saved
+    ...     _ = manager.update({"val_loss": 0.5}, {"w": torch.ones(2)}, epoch=3)
+    ...     state = restore_from_directory(config, directory)
+    >>> state.bests, state.steps  # steps: one past the newest file's epoch
+    ((Best(value=0.5, epoch=3), Best(value=None, epoch=None)), 4)
     """
     config = as_config(config)
-    found = saved_metadata(directory, (s.filename for s in config.strategies))
+    found = saved_metadata(directory, (s.filename for s in config.strategies), unreadable=unreadable)
     steps = max((_saved_steps(meta) for meta in found.values() if meta), default=0)
     return restore_from_saves(config, found, steps)
 

@@ -152,7 +152,20 @@ def commit_tree(
 @attrs.frozen
 class Written:
     """What ``write`` did: the paths holding the new snapshot, the ``Outcome`` for the
-    commit rule, and the error to raise after committing (None on success)."""
+    commit rule, and the error to raise after committing (None on success).
+
+    >>> import pathlib
+    >>> ok = Written([pathlib.Path("ckpt/best_val_loss.pt")], Outcome.success(["best_val_loss.pt"]))
+    >>> ok.outcome.succeeded, ok.raise_error()
+    (True, None)
+    >>> failed = Written([], Outcome.failure(["best_val_loss.pt"]), OSError("disk full"))
+    >>> failed.outcome.touched_disk  # nothing was published: the old state stays
+    False
+    >>> failed.raise_error()
+    Traceback (most recent call last):
+    ...
+    OSError: disk full
+    """
 
     paths: tuple[pathlib.Path, ...] = attrs.field(converter=tuple)
     outcome: Outcome

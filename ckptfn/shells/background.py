@@ -155,11 +155,12 @@ class AsyncExecutor(ClosesOnExit):
             return _NOTHING
         if not block and not future.done():
             return None
-        self._future = None
         try:
-            return future.result()
+            written = future.result()  # an interrupt here leaves the save in flight, to collect later
         except Exception as error:  # the write function never raises; anything here is a bug around it
-            return Written((), Outcome.failure(()), error)
+            written = Written((), Outcome.failure(()), error)
+        self._future = None
+        return written
 
     def settle(self, *, block: bool) -> tuple[pathlib.Path, ...] | None:
         """Collect the save in flight: its paths once on disk, None while it runs (``block=False``).

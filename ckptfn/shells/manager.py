@@ -18,7 +18,7 @@ from collections.abc import Mapping
 
 from ckptfn.core.commit import roll_back
 from ckptfn.core.config import Config, as_config
-from ckptfn.core.errors import CheckpointError
+from ckptfn.core.errors import CheckpointError, CheckpointNotFoundError
 from ckptfn.core.every import Every
 from ckptfn.core.metadata import build_metadata, entry_for
 from ckptfn.core.naming import timestamp_iso
@@ -46,9 +46,14 @@ class CheckpointManager(ClosesOnExit):
             or anything ``Config.from_mapping`` accepts (lists of dicts, Hydra
             ``DictConfig``/``ListConfig``, ``{"enabled": ..., "strategies": [...]}``).
             ``None``, ``[]`` or ``enabled: false`` turn checkpointing off.
-        resume: rebuild each strategy's best from the file at its name in
-            ``output_dir`` (the files are the truth), so the first epoch after a
-            restart never replaces a better checkpoint with a worse one.
+        resume: ``None`` (default) or ``True``: each strategy's best is what the file
+            at its name in ``output_dir`` holds (the files are the truth), so no
+            epoch ever replaces a better checkpoint with a worse one, whether this
+            is a restart or a new run in a used directory (the default says so in a
+            WARNING when it finds checkpoints). ``False``: start from scratch, the
+            explicit opt-in to replace an earlier run's checkpoints (it lists them).
+            A file at a watched name that cannot be judged (unreadable, damaged,
+            another format) is refused with a ``CheckpointError`` unless ``False``.
         async_save: ``update`` returns once the payload is snapshotted (tensors
             copied into reused CPU staging buffers, the rest deep-copied) and one
             background thread writes it, one save at a time. ``wait()``,
@@ -62,6 +67,22 @@ class CheckpointManager(ClosesOnExit):
             into ``<stem>.dcp/`` directories when the payload holds DTensors
             (FSDP2, tensor parallel), else a file written by rank 0; ``True``:
             always sharded directories; ``False``: never.
+
+    >>> import tempfile, torch, ckptfn
+    >>> strategies = [ckptfn.Strategy("val_loss"), ckptfn.Strategy("val_acc", mode="max")]
+    >>> with tempfile.TemporaryDirectory() as directory:
+    ...     with CheckpointManager(directory, strategies) as manager:
+    ...         for epoch, (loss, acc) in enumerate([(0.5, 0.7), (0.4, 0.6)]):
+    ...             paths = manager.update({"val_loss": loss, "val_acc": acc}, {"w": torch.full((2,), epoch)}, epoch)
+    ...             print(epoch, [path.name for path in paths])
+    ...     print(manager.best_values)
+    ...     print(ckptfn.load_checkpoint(f"{directory}/best_val_acc.pt")[0])
+    ...     print(CheckpointManager(directory, strategies, resume=True).best_values)  # after a restart
+    0 ['best_val_loss.pt', 'best_val_acc.pt']
+    1 ['best_val_loss.pt']
+    {'best_val_loss.pt': 0.4, 'best_val_acc.pt': 0.7}
+    {'w': tensor([0, 0])}
+    {'best_val_loss.pt': 0.4, 'best_val_acc.pt': 0.7}
     """
 
     def __init__(
@@ -69,7 +90,7 @@ class CheckpointManager(ClosesOnExit):
         output_dir: str | os.PathLike,
         checkpoint_configs: object = None,
         *,
-        resume: bool = False,
+        resume: bool | None = None,
         async_save: bool = False,
         checksums: bool = True,
         process_group: object = None,
@@ -84,18 +105,24 @@ class CheckpointManager(ClosesOnExit):
         self.checksums = checksums
         self._writer = AsyncExecutor(checksums=checksums) if async_save else None
         self._in_flight: State | None = None  # the state before the step the background save writes
+        #: Set while a write and its commit run: if anything escapes in between (an interrupt
+        #: included), the state is rebuilt from the files before it is used again.
+        self._in_doubt = False
         self._closed = False
         self.sharded = sharded
         self._process_group = process_group
         ranks = find_group(process_group)  # None in a single process: nothing below changes
         self._coordinator = None if ranks is None else Coordinator(ranks, self.config, self.output_dir, sharded)
-        if resume:
+        if resume is not False:
             if self._coordinator is not None:
                 self.state = self._coordinator.restore()
             else:
                 self.state = restore_from_directory(self.config, self.output_dir)
-            if self.config.active:
-                logger.info("resumed checkpointing in %s:\n%s", self.output_dir, self.summary())
+            found = any(best.epoch is not None for best in self._state.bests)
+            if self.config.active and (resume or found):
+                loud = logger.warning if resume is None else logger.info
+                how = "" if resume else " (found checkpoints of an earlier run; pass resume=False to start from scratch)"
+                loud("judging against the checkpoints in %s%s:\n%s", self.output_dir, how, self.summary())
         else:
             self.state = init(self.config)
             self._warn_about_existing_files()
@@ -124,9 +151,11 @@ class CheckpointManager(ClosesOnExit):
             raise RuntimeError(f"{self!r} is closed")
         coordinator = self._coordination()
         if coordinator is not None:
-            result = coordinator.update(self.state, metrics_dict, model_state_dict, epoch, barrier=barrier)
+            old = self.state
+            self._in_doubt = True
+            result = coordinator.update(old, metrics_dict, model_state_dict, epoch, barrier=barrier)
+            self._state, self._in_doubt = result.state, False
             self._seen_skips = report_skips(self._seen_skips, result.actions, loud=coordinator.is_coordinator)
-            self.state = result.state
             result.raise_error()
             return list(result.paths)
         old = self.state
@@ -140,14 +169,15 @@ class CheckpointManager(ClosesOnExit):
         if not saves:
             self.state = new
             return []
+        self._in_doubt = True
         if self._writer is not None:
             job = lambda hook: write(self.output_dir, snapshot, staged, on_serialized=hook)  # noqa: E731
             paths = self._writer.start(job, [self.output_dir / name for name in snapshot.filenames])
-            self._in_flight = old
-            self.state = new
+            self._in_flight, self._state, self._in_doubt = old, new, False
             return list(paths)
         written = serialization_context(self.checksums).run(write, self.output_dir, snapshot, model_state_dict)
-        self.state = state_to_keep(self.config, self.output_dir, old, new, written)
+        self._state = state_to_keep(self.config, self.output_dir, old, new, written)
+        self._in_doubt = False
         written.raise_error()
         return list(written.paths)
 
@@ -159,9 +189,37 @@ class CheckpointManager(ClosesOnExit):
             return
         prior, self._in_flight = self._in_flight, None
         if written.error is not None and prior is not None:
-            before = roll_back(self.state, prior, written.outcome.names)
-            self.state = state_to_keep(self.config, self.output_dir, before, self.state, written)
+            self._in_doubt = True
+            believed = self._state
+            before = roll_back(believed, prior, written.outcome.names)
+            self._state = state_to_keep(self.config, self.output_dir, before, believed, written)
+            self._in_doubt = False
         raise_as_write_error(written)
+
+    # --- the state ----------------------------------------------------------------------------
+
+    @property
+    def state(self) -> State:
+        """The decision state: each strategy's best, as its file holds it.
+
+        If an exception (an interrupt included) left ``update`` while a write or its
+        commit ran, the state is first rebuilt from the files (after the background
+        write, if one is in flight, has finished), so it never disagrees with the disk.
+        """
+        if self._in_doubt:
+            self._rebuild_from_files()
+        return self._state
+
+    @state.setter
+    def state(self, value: State) -> None:
+        self._state, self._in_doubt = value, False
+
+    def _rebuild_from_files(self) -> None:
+        if self._writer is not None:
+            self._writer.join()  # the files settle first; its outcome stays for update/wait/close
+        if self._coordinator is None or self._coordinator.is_coordinator:  # rank 0's state is the one that decides
+            self._state = restore_from_directory(self.config, self.output_dir)
+        self._in_doubt = False
 
     # --- asynchronous saving ----------------------------------------------------------------
 
@@ -268,7 +326,8 @@ class CheckpointManager(ClosesOnExit):
         return f"CheckpointManager({str(self.output_dir)!r}, {len(self.config.strategies)} strategies, best={self.best_values})"
 
     def _warn_about_existing_files(self) -> None:
-        """With ``resume=False``, say what configured names already hold and what will happen to them."""
+        """With ``resume=False``, say what configured names already hold and what will happen to them
+        (an unreadable file too: it is replaced like any other, but never silently)."""
         if not self.config.active or (self._coordinator is not None and not self._coordinator.is_coordinator):
             return
         found = []
@@ -276,7 +335,10 @@ class CheckpointManager(ClosesOnExit):
             path = self.output_dir / strategy.filename
             try:
                 metadata = read_metadata(path)
-            except CheckpointError:
+            except CheckpointNotFoundError:
+                continue
+            except CheckpointError as error:
+                found.append(f"{strategy.filename} (which cannot be read: {error}) will be replaced or archived")
                 continue
             entry = entry_for(metadata, strategy.filename) or {}
             fate = "archived (overwrite=False)" if not strategy.overwrite else "replaced (overwrite=True)"
@@ -289,8 +351,8 @@ class CheckpointManager(ClosesOnExit):
             )
         if found:
             logger.warning(
-                "%s already holds ckptfn checkpoints and resume=False, so bests start from scratch: %s. "
-                "Pass resume=True to continue from them.",
+                "%s already holds checkpoints and resume=False, so bests start from scratch: %s. "
+                "Leave resume out (or pass resume=True) to judge against them instead.",
                 self.output_dir,
                 "; ".join(found),
             )

@@ -38,7 +38,12 @@ logger = logging.getLogger("ckptfn")
 
 
 def utc_now() -> dt.datetime:
-    """The wall clock, in UTC (the only clock the library reads)."""
+    """The wall clock, in UTC (the only clock the library reads).
+
+    >>> now = utc_now()
+    >>> now.tzinfo, now.utcoffset()
+    (datetime.timezone.utc, datetime.timedelta(0))
+    """
     return dt.datetime.now(dt.timezone.utc)
 
 
@@ -51,7 +56,16 @@ def plan(
     extra: Mapping | None = None,
 ) -> Snapshot:
     """``ckptfn.core.snapshot.plan_snapshot`` with the clock (unless ``now`` is given) and
-    this process's library versions."""
+    this process's library versions.
+
+    >>> import datetime as dt, ckptfn
+    >>> from ckptfn.kit import partition
+    >>> state, actions = ckptfn.step(ckptfn.init(ckptfn.Strategy("val_loss")), {"val_loss": 0.5}, epoch=0)
+    >>> snapshot = plan(partition(actions)[0], state=state, metrics={"val_loss": 0.5},
+    ...                 now=dt.datetime(2024, 1, 2, tzinfo=dt.timezone.utc))
+    >>> snapshot.filenames, snapshot.metadata["timestamp"], sorted(snapshot.metadata["versions"])
+    (('best_val_loss.pt',), '2024-01-02T00:00:00.000000+00:00', ['ckptfn', 'torch'])
+    """
     return plan_snapshot(
         saves, now=utc_now() if now is None else now, versions=versions(), state=state, metrics=metrics, extra=extra
     )
@@ -61,8 +75,25 @@ def state_to_keep(
     config: object, directory: str | os.PathLike, old: State, new: State, written: Written
 ) -> State:
     """The commit rule (``ckptfn.core.commit.commit``) for ``written``, reading the files in
-    ``directory`` only when the write failed after publishing something."""
-    on_disk = restore_from_directory(config, directory) if written.outcome.touched_disk else None
+    ``directory`` only when the write failed after publishing something.
+
+    >>> import tempfile, torch, ckptfn
+    >>> from ckptfn.kit import Outcome, partition, write
+    >>> old = ckptfn.init(ckptfn.Strategy("val_loss"))
+    >>> new, actions = ckptfn.step(old, {"val_loss": 0.5}, epoch=0)
+    >>> snapshot = plan(partition(actions)[0], state=new)
+    >>> with tempfile.TemporaryDirectory() as directory:
+    ...     written = write(directory, snapshot, {"w": torch.zeros(2)})
+    ...     state_to_keep(old.config, directory, old, new, written) == new  # saved: the new state
+    ...     failed = Written([], Outcome.failure(snapshot.filenames), OSError("disk full"))
+    ...     state_to_keep(old.config, directory, old, new, failed) == old  # nothing published: retry
+    True
+    True
+    """
+    if not written.outcome.touched_disk:
+        return commit(old, new, written.outcome)
+    # the write's own error is the one to raise; an odd file met while reading back only warns
+    on_disk = restore_from_directory(config, directory, unreadable="warn")
     return commit(old, new, written.outcome, on_disk)
 
 
@@ -70,7 +101,20 @@ def report_skips(
     seen: frozenset[tuple[str, str]], actions: Iterable[object], *, stacklevel: int = 2, loud: bool = True
 ) -> frozenset[tuple[str, str]]:
     """Warn (``MetricWarning``) about the first skip of each strategy and reason, log the
-    repeats at DEBUG; the grown ``seen`` set. ``loud=False`` (a rank other than 0) says nothing."""
+    repeats at DEBUG; the grown ``seen`` set. ``loud=False`` (a rank other than 0) says nothing.
+
+    >>> import warnings, ckptfn
+    >>> state = ckptfn.init(ckptfn.Strategy("val_loss"))
+    >>> _, actions = ckptfn.step(state, {"train_loss": 0.3}, epoch=0)
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     seen = report_skips(frozenset(), actions)
+    ...     seen = report_skips(seen, actions)  # the same skip again: DEBUG only
+    >>> [(w.category.__name__, str(w.message)) for w in caught]
+    [('MetricWarning', 'val_loss is missing at epoch 0; best_val_loss.pt not saved (further such epochs are logged at DEBUG)')]
+    >>> len(seen)
+    1
+    """
     seen, first, repeats = new_skips(seen, (action for action in actions if isinstance(action, Skip)))
     if loud:
         for skip in first:

@@ -1,4 +1,4 @@
-"""What each rank runs in tests/test_distributed.py (module level, so the forkserver can import it).
+"""What each rank runs in tests/shells/test_distributed.py (module level, so the forkserver can import it).
 
 Every worker is ``worker(rank, world, *args)`` inside an initialized gloo group
 and returns plain data (tensors, lists, dicts, str) for the test to check.

@@ -214,7 +214,7 @@ def read_only(tally: Tally, mount: Callable[[str], pathlib.Path]) -> None:
 
 
 def _patched_writes(fs) -> contextlib.AbstractContextManager:
-    """Route the manager's writes through ``fs`` (as tests/test_manager.py does)."""
+    """Route the manager's writes through ``fs`` (as tests/shells/test_manager.py does)."""
     original = ckptfn.io.write.write_snapshot
 
     @contextlib.contextmanager

@@ -125,11 +125,21 @@ def _read_metadata(run: pathlib.Path) -> list:
 
 
 def _resume(run: pathlib.Path) -> list:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        manager = CheckpointManager(run, [LOSS], resume=True)
+    """Resuming over it: refused with an error naming the file, unless the file can be judged."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            manager = CheckpointManager(run, [LOSS], resume=True)
+    except CheckpointError as error:
+        return [] if str(run / "best.pt") in str(error) else [("unexpected", f"the refusal does not name the file: {error}")]
     best = manager.best_values["best.pt"]
-    return [] if best is None else [("corruption", f"resumed a best of {best} from it")]
+    if best is not None:
+        return [("corruption", f"resumed a best of {best} from it")]
+    try:
+        ckptfn.read_metadata(run / "best.pt")  # a readable file of another strategy: judged, starts fresh
+    except CheckpointError:
+        return [("lost", "took a file it cannot judge for absent: the next save would replace it")]
+    return []
 
 
 def _fresh_manager(run: pathlib.Path) -> list:
@@ -142,7 +152,7 @@ def _archive_save(run: pathlib.Path) -> list:
     original = (run / "best.pt").read_bytes()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        manager = CheckpointManager(run, [KEEP], resume=True)
+        manager = CheckpointManager(run, [KEEP], resume=False)  # the explicit opt-in to go over it
     manager.update({"val_loss": -1e300}, payload(1), 1)  # better than any best a file may claim
     problems = []
     archives = [name for name in os.listdir(run) if archived_of(name, "best.pt")]
@@ -465,9 +475,15 @@ def _directory_at_final_name() -> list:
     (run / "best.pt").mkdir(parents=True)
     (run / "best.pt" / "inside.txt").write_text("data")
     problems = []
+    try:
+        CheckpointManager(run, [LOSS], resume=True)
+        problems.append(("unexpected", "resuming over a directory at a checkpoint name was not refused"))
+    except CheckpointError as error:
+        if str(run / "best.pt") not in str(error):
+            problems.append(("unexpected", f"the refusal does not name the path: {error}"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        manager = CheckpointManager(run, [LOSS], resume=True)
+        manager = CheckpointManager(run, [LOSS], resume=False)
     try:
         manager.update({"val_loss": 0.5}, payload(1), 1)
         problems.append(("unexpected", "a save over a directory succeeded"))

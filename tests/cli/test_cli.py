@@ -15,7 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ckptfn
-from ckptfn.cli.main import main, plot_replay, replay
+from ckptfn.cli.main import main
+from ckptfn.cli.replay import plot_replay, replay
 from ckptfn.cli.history import load_config_file, load_history
 from ckptfn.core.metrics import MISSING
 

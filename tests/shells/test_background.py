@@ -34,7 +34,7 @@ from tests.strategies import runs
 
 LOSS = [{"metric_name": "val_loss", "filename": "best_loss.pt"}]
 TWO = LOSS + [{"metric_name": "val_corr", "mode": "max", "filename": "best_corr.pt"}]
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 class GatedFS(FileSystem):

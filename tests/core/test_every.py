@@ -216,5 +216,36 @@ def test_manager_saves_last_every_epoch_and_summarizes_it(tmp_path, caplog):
     resumed = CheckpointManager(tmp_path, manager.config, resume=True)
     assert resumed.state.bests == manager.state.bests
     caplog.clear()
-    CheckpointManager(tmp_path, manager.config)
+    CheckpointManager(tmp_path, manager.config, resume=False)
     assert "last.pt (epoch 2) will be replaced (overwrite=True) at the next periodic save" in caplog.text
+
+
+# --- the epoch counter going backwards (issue 13) ----------------------------------------------
+
+
+@given(st.integers(1, 5), st.lists(st.integers(2, 12), min_size=2, max_size=4))
+def test_each_training_phase_saves_as_a_fresh_run_would(n, phases):
+    """Phases count epochs from 0 again (a resumed run, a second phase): each saves like a new run.
+
+    (A phase of one epoch followed by epoch 0 is the same epoch decided twice: no restart to see.)"""
+    every = ckptfn.Every(n)
+    state = ckptfn.init(every)
+    for length in phases:
+        fresh, saved, expected = ckptfn.init(every), [], []
+        for epoch in range(length):
+            state, actions = ckptfn.step(state, {}, epoch)
+            fresh, fresh_actions = ckptfn.step(fresh, {}, epoch)
+            saved += [a.epoch for a in actions]
+            expected += [a.epoch for a in fresh_actions]
+        assert saved == expected
+        assert state.bests[0] == fresh.bests[0]  # last.pt is this phase's, never the old phase's
+
+
+def test_last_pt_follows_a_restarted_epoch_counter():
+    state = ckptfn.init(ckptfn.Every(1))
+    for epoch in range(10):
+        state, _ = ckptfn.step(state, {}, epoch)
+    state, actions = ckptfn.step(state, {}, 0)  # the counter restarts
+    assert [a.epoch for a in actions] == [0] and state.bests[0] == ckptfn.Last(0)
+    state, actions = ckptfn.step(state, {}, 0)  # the same epoch twice is not a new one
+    assert actions == ()

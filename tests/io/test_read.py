@@ -99,9 +99,11 @@ def test_restore_from_directory_trusts_the_files(tmp_path):
         state, actions = step(state, metrics)
         execute(actions, {}, tmp_path, state=state)
     (tmp_path / "best_mse.pt").write_bytes(b"garbage")
+    with pytest.raises(ckptfn.CheckpointError, match=r"cannot judge the checkpoint at a watched name.*best_mse.pt"):
+        ckptfn.restore_from_directory(config, tmp_path)  # a file that cannot be judged is never "absent"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        resumed = ckptfn.restore_from_directory(config, tmp_path)
+        resumed = ckptfn.restore_from_directory(config, tmp_path, unreadable="warn")
     assert ckptfn.best_values(resumed) == {"best_loss.pt": 0.5, "best_corr.pt": 0.1, "best_mse.pt": None}
     assert [b.epoch for b in resumed.bests] == [1, 0, None]
     assert resumed.steps == 2

@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 
 import pytest
 
+import ckptfn
 from ckptfn import Config, ConfigError, Strategy
 
 
@@ -140,3 +141,21 @@ def test_unreadable_value_is_a_config_error():
 
     with pytest.raises(ConfigError, match="metric_name: cannot read value: Missing mandatory value"):
         Config.from_mapping(Exploding())
+
+
+# --- a name that another strategy's retention would delete (issue 13) -----------------------------
+
+
+def test_a_filename_of_the_form_of_another_strategys_archive_is_refused_naming_both():
+    clashing = [
+        {"metric_name": "val_loss", "filename": "model.pt", "overwrite": False, "keep": 1},
+        {"metric_name": "val_corr", "mode": "max", "filename": "model_20250101T000000000000Z.pt"},
+    ]
+    with pytest.raises(ConfigError) as info:
+        Config.from_mapping(clashing)
+    message = str(info.value)
+    assert message.startswith("[1].filename: 'model_20250101T000000000000Z.pt' has the form of an archived version")
+    assert "'model.pt' ([0])" in message
+    with pytest.raises(ConfigError, match=r"^strategies\[0\]\.filename: 'model_20250101T000000000000Z-3.pt'"):
+        Config([Strategy("a", filename="model_20250101T000000000000Z-3.pt"), ckptfn.Every(filename="model.pt")])
+    Config([Strategy("a", filename="model.pt"), Strategy("b", filename="model_best.pt")])  # not a stamp: fine

@@ -205,20 +205,35 @@ def test_resume_with_changed_or_missing_files(tmp_path):
     os.remove(tmp_path / "best_corr.pt")  # never write into a checkpoint in place: names share inodes
     (tmp_path / "best_corr.pt").write_bytes(b"torn")
     changed = [THREE[0] | {"mode": "max"}, THREE[1], THREE[2]]
-    with pytest.warns(UserWarning, match="best_corr.pt"):
-        resumed = CheckpointManager(tmp_path, changed, resume=True)
+    for resume in (True, None):  # resuming, and the default: refused, naming the file
+        with pytest.raises(ckptfn.CheckpointError, match=r"cannot judge the checkpoint .*best_corr.pt"):
+            CheckpointManager(tmp_path, changed, resume=resume)
+    os.remove(tmp_path / "best_corr.pt")  # what the error says to do
+    resumed = CheckpointManager(tmp_path, changed, resume=True)
     assert resumed.best_values == {"best_loss.pt": None, "best_concordance.pt": None, "best_corr.pt": None}
-    assert (tmp_path / "best_corr.pt").read_bytes() == b"torn"  # unreadable files are left alone
 
 
 def test_without_resume_existing_checkpoints_get_one_warning(tmp_path, caplog):
     CheckpointManager(tmp_path, THREE).update(metrics(1.0, 0.5, 0.1), payload(0), 0)
     with caplog.at_level(logging.WARNING, logger="ckptfn"):
-        CheckpointManager(tmp_path, [THREE[0], THREE[2] | {"overwrite": False}])
+        CheckpointManager(tmp_path, [THREE[0], THREE[2] | {"overwrite": False}], resume=False)
     (record,) = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert "best_loss.pt (epoch 0, val_loss=1.0) will be replaced (overwrite=True)" in record.message
     assert "best_corr.pt (epoch 0, val_residual_spearman=0.1) will be archived (overwrite=False)" in record.message
-    assert "resume=True" in record.message
+    assert "Leave resume out (or pass resume=True)" in record.message
+
+
+def test_by_default_a_new_manager_judges_against_an_earlier_runs_checkpoints(tmp_path, caplog):
+    """A new run (or a restart that forgot resume) never replaces a better checkpoint with a worse one."""
+    CheckpointManager(tmp_path, THREE).update(metrics(0.4866, 0.5, 0.1), payload(8), 8)
+    with caplog.at_level(logging.WARNING, logger="ckptfn"):
+        again = CheckpointManager(tmp_path, THREE)
+    (record,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert "judging against the checkpoints in" in record.message and "resume=False" in record.message
+    assert [p.name for p in again.update(metrics(0.6643, 0.6, 0.05), payload(1), 1)] == []  # all worse
+    assert ckptfn.read_metadata(tmp_path / "best_loss.pt")["saves"][0]["value"] == 0.4866
+    fresh = CheckpointManager(tmp_path, THREE, resume=False)  # the explicit opt-in
+    assert [p.name for p in fresh.update(metrics(0.6643, 0.6, 0.05), payload(1), 1)][0] == "best_loss.pt"
 
 
 def test_state_dict_round_trip(tmp_path):

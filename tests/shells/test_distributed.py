@@ -168,7 +168,7 @@ def test_a_rank_killed_during_a_sharded_save_leaves_the_previous_checkpoint_load
 
 # --- the README's examples ----------------------------------------------------------------------
 
-EXAMPLES = pathlib.Path(__file__).resolve().parent / "distributed"
+EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "distributed"
 README = EXAMPLES.parent.parent / "README.md"
 
 

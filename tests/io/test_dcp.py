@@ -1,6 +1,6 @@
 """Sharded (DCP) checkpoint directories in one process: commit protocol, crash points, safe reading.
 
-The same code runs on every rank in a distributed run (tests/test_distributed.py);
+The same code runs on every rank in a distributed run (tests/shells/test_distributed.py);
 here ``sharded=True`` drives it without a process group, so crash points can be
 checked exhaustively and fast.
 """
@@ -111,9 +111,9 @@ def test_without_hard_links_the_other_names_are_copies(tmp_path):
 
 def test_a_resumed_run_believes_the_newer_of_a_file_and_a_sharded_directory(tmp_path):
     CheckpointManager(tmp_path, TWO[:1]).update({"val_loss": 0.5}, payload(1.0), 0)  # best_loss.pt
-    CheckpointManager(tmp_path, TWO[:1], sharded=True).update({"val_loss": 0.7}, payload(2.0), 1)  # best_loss.dcp
+    CheckpointManager(tmp_path, TWO[:1], sharded=True, resume=False).update({"val_loss": 0.7}, payload(2.0), 1)  # best_loss.dcp
     assert CheckpointManager(tmp_path, TWO[:1], resume=True).state.bests[0].value == 0.7  # newer, even if worse
-    CheckpointManager(tmp_path, TWO[:1]).update({"val_loss": 0.9}, payload(3.0), 2)
+    CheckpointManager(tmp_path, TWO[:1], resume=False).update({"val_loss": 0.9}, payload(3.0), 2)
     assert CheckpointManager(tmp_path, TWO[:1], resume=True).state.bests[0].value == 0.9
 
 

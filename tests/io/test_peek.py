@@ -45,7 +45,7 @@ leaves = st.one_of(
     st.integers(),
     st.floats(allow_nan=False),
     st.text(max_size=5),
-    st.binary(min_size=1, max_size=5),  # b'' is refused (see tests/test_payload.py)
+    st.binary(min_size=1, max_size=5),  # b'' is refused (see tests/io/test_payload.py)
     st.none(),
     st.sampled_from([torch.float32, torch.device("cpu"), torch.Size([2, 3]), {1, 2}, 1 + 2j]),
 )
