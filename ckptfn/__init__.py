@@ -29,6 +29,7 @@ from ckptfn.core.errors import (
 from ckptfn.core.every import Every
 from ckptfn.core.metrics import MISSING, lookup
 from ckptfn.io.read import load_checkpoint, read_metadata, restore_from_directory
+from ckptfn.io.verify import Verdict, verify_checkpoint
 from ckptfn.core.state import Best, Last, State, restore
 from ckptfn.core.strategy import Strategy
 from ckptfn._version import __version__
@@ -54,6 +55,7 @@ __all__ = [
     "Skip",
     "State",
     "Strategy",
+    "Verdict",
     "__version__",
     "best_values",
     "execute",
@@ -68,6 +70,7 @@ __all__ = [
     "restore_from_directory",
     "scan",
     "step",
+    "verify_checkpoint",
 ]
 
 #: Names whose modules import torch, loaded on first access (PEP 562).

@@ -30,6 +30,7 @@ from ckptfn.core.state import resume_state
 from ckptfn.core.step import new_skips
 from ckptfn.io.fs import REAL, FileSystem
 from ckptfn.io.read import load_checkpoint, read_metadata, restore_from_directory
+from ckptfn.io.verify import Verdict, verify_checkpoint
 from ckptfn.io.write import Written, versions, write
 from ckptfn.shells.recipe import plan, report_skips, state_to_keep, utc_now
 
@@ -39,6 +40,7 @@ __all__ = [
     "Outcome",
     "Snapshot",
     "Target",
+    "Verdict",
     "Written",
     "commit",
     "load_checkpoint",
@@ -54,6 +56,7 @@ __all__ = [
     "roll_back",
     "state_to_keep",
     "utc_now",
+    "verify_checkpoint",
     "versions",
     "write",
 ]

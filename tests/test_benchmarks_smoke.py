@@ -18,7 +18,7 @@ import pytest
 from tests.benchmarks.measure import COLUMNS
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-ROWS = ("0", "1", "1b", "2a", "2b", "2c", "2d", "3a", "3b", "3c", "4a", "4b", "5a", "5b", "6a", "6b", "7a", "7b", "7c", "7d")
+ROWS = ("0", "1", "1b", "2a", "2b", "2c", "2d", "3a", "3b", "3c", "4a", "4b", "5a", "5b", "6a", "6b", "7a", "7b", "7c", "7d", "8a", "8b")
 TARGET = re.compile(r"(<=|>=) (\d+(\.\d+)?)")
 
 

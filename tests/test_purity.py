@@ -158,6 +158,13 @@ def private_uses(path: pathlib.Path, dependency: str) -> list[str]:
             for alias in node.names:
                 if alias.name.split(".")[0] == dependency and any(p.startswith("_") for p in alias.name.split(".")):
                     found.append(f"import {alias.name} (line {node.lineno})")
+        elif (
+            dependency == "torch"
+            and isinstance(node, ast.Call)
+            and "torch" in ast.unparse(node.func)
+            and any(k.arg and k.arg.startswith("_") for k in node.keywords)
+        ):
+            found.append(f"{ast.unparse(node.func)}(_...= private keyword) (line {node.lineno})")
         elif isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
             root = node.value
             while isinstance(root, ast.Attribute):
@@ -245,5 +252,6 @@ def test_the_private_name_checker_sees_private_uses(tmp_path):
     bad.write_text(
         "from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner\n"
         "import torch\nx = torch.utils.serialization.config._config\ny = trainer._checkpoint_connector\n"
+        "s = torch.TypedStorage(wrap_storage=u, dtype=d, _internal=True)\n"
     )
-    assert len(private_uses(bad, "torch")) == 2 and len(private_uses(bad, "lightning")) == 1
+    assert len(private_uses(bad, "torch")) == 3 and len(private_uses(bad, "lightning")) == 1

@@ -20,6 +20,7 @@ from ckptfn.cli.errors import UserError
 from ckptfn.cli.history import HistoryError
 from ckptfn.cli.inspect import cmd_inspect, files_to_inspect, format_table, inspect_row
 from ckptfn.cli.replay import cmd_replay
+from ckptfn.cli.verify import cmd_verify
 from ckptfn.core.errors import CheckpointError, ConfigError
 from ckptfn.core.metadata import flatten_metrics
 
@@ -101,8 +102,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # --- entry point -------------------------------------------------------------------------
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes are one line on stderr and exit status 2, like every other error."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="ckptfn",
         description="Best-checkpoint selection for PyTorch: demo, inspect checkpoints, replay a metric history.",
     )
@@ -134,6 +142,17 @@ def build_parser() -> argparse.ArgumentParser:
     replay_cmd.add_argument("--plot", metavar="OUT.png", help="write a PNG: one panel per metric with save markers")
     replay_cmd.add_argument("--json", action="store_true", help="machine-readable output")
     replay_cmd.set_defaults(run=cmd_replay)
+
+    verify = commands.add_parser("verify", help="check that checkpoints are intact: every record's CRC32, and they load",
+                                 description="Read every byte of each checkpoint (files, directories, .dcp trees) and "
+                                 "compare each zip record's CRC32 (torch writes them but never checks them), then load it "
+                                 "with weights_only=True, in bounded memory. Exit status 0 only when all are intact, "
+                                 "1 when any is damaged.")
+    verify.add_argument("paths", nargs="+", metavar="PATH", help="checkpoint files, sharded trees or directories")
+    verify.add_argument("--structure", action="store_true",
+                        help="cheap checks only: zip directory and metadata, no data read")
+    verify.add_argument("--json", action="store_true", help="machine-readable output")
+    verify.set_defaults(run=cmd_verify)
     return parser
 
 

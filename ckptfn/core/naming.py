@@ -23,6 +23,7 @@ __all__ = [
     "TEMP_KINDS",
     "archive_name",
     "archive_stamp",
+    "stamp_moment",
     "archived_of",
     "dcp_name",
     "host_tag",
@@ -34,7 +35,8 @@ __all__ = [
 
 _STAMP = re.compile(r"\d{8}T\d{12}Z")
 _TEMP = re.compile(
-    r"^\.ckptfn\.(?P<pid>\d+)\.(?P<host>[A-Za-z0-9_-]+)\.(?P<token>[0-9a-f]+)\.(?P<name>.+)\.(?P<kind>tmp|old)$"
+    r"^\.ckptfn\.(?P<pid>\d+)(?:n(?P<ns>\d+))?\.(?P<host>[A-Za-z0-9_-]+)\.(?P<token>[0-9a-f]+)"
+    r"\.(?P<name>.+)\.(?P<kind>tmp|old)$"
 )
 DCP_SUFFIX = ".dcp"
 TEMP_KINDS = ("tmp", "old")
@@ -63,6 +65,20 @@ def archive_stamp(moment: dt.datetime) -> str:
     """
     t = _utc(moment)  # formatted by hand: strftime's %Y does not pad years before 1000
     return f"{t.year:04d}{t.month:02d}{t.day:02d}T{t.hour:02d}{t.minute:02d}{t.second:02d}{t.microsecond:06d}Z"
+
+
+def stamp_moment(stamp: str) -> dt.datetime:
+    """The UTC moment an ``archive_stamp`` stands for.
+
+    >>> stamp_moment("20261129T131500123456Z")
+    datetime.datetime(2026, 11, 29, 13, 15, 0, 123456, tzinfo=datetime.timezone.utc)
+    """
+    if not _STAMP.fullmatch(stamp):
+        raise ValueError(f"not an archive stamp: {stamp!r}")
+    return dt.datetime(
+        int(stamp[0:4]), int(stamp[4:6]), int(stamp[6:8]), int(stamp[9:11]), int(stamp[11:13]),
+        int(stamp[13:15]), int(stamp[15:21]), tzinfo=dt.timezone.utc,
+    )
 
 
 def split_suffix(filename: str) -> tuple[str, str]:
@@ -110,30 +126,39 @@ def host_tag(host: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", host)[:32] or "host"
 
 
-def temp_name(filename: str, pid: int, host: str, token: str, kind: str = "tmp") -> str:
+def temp_name(
+    filename: str, pid: int, host: str, token: str, kind: str = "tmp", namespace: int | None = None
+) -> str:
     """The hidden name a writer uses while producing ``filename`` (``kind="tmp"``), or for
-    the old tree it moved aside from ``filename`` (``kind="old"``).
+    the old tree it moved aside from ``filename`` (``kind="old"``). ``namespace`` (the
+    writer's PID-namespace id) says in which namespace ``pid`` means that process.
 
     >>> temp_name("best_loss.pt", 4242, "node-1.example", "9f3a")
     '.ckptfn.4242.node-1_example.9f3a.best_loss.pt.tmp'
-    >>> temp_name("best_loss.dcp", 7, "h", "ab", "old")
-    '.ckptfn.7.h.ab.best_loss.dcp.old'
+    >>> temp_name("best_loss.dcp", 7, "h", "ab", "old", namespace=4026531836)
+    '.ckptfn.7n4026531836.h.ab.best_loss.dcp.old'
     """
     if kind not in TEMP_KINDS:
         raise ValueError(f"kind must be one of {TEMP_KINDS}, got {kind!r}")
-    return f".ckptfn.{pid}.{host_tag(host)}.{token}.{filename}.{kind}"
+    writer = f"{pid}" if namespace is None else f"{pid}n{namespace}"
+    return f".ckptfn.{writer}.{host_tag(host)}.{token}.{filename}.{kind}"
 
 
-def parse_temp_name(name: str) -> tuple[int, str, str, str] | None:
-    """``(pid, host tag, final name, kind)`` of a ckptfn temporary name, else None.
+def parse_temp_name(name: str) -> tuple[int, str, str, str, int | None] | None:
+    """``(pid, host tag, final name, kind, PID namespace or None)`` of a ckptfn temporary name, else None.
 
     >>> parse_temp_name(temp_name("best_loss.pt", 4242, "node-1", "9f3a"))
-    (4242, 'node-1', 'best_loss.pt', 'tmp')
+    (4242, 'node-1', 'best_loss.pt', 'tmp', None)
+    >>> parse_temp_name(temp_name("best_loss.pt", 1, "node-1", "9f3a", namespace=5))[4]
+    5
     >>> parse_temp_name("best_loss.pt") is None
     True
     """
     match = _TEMP.match(name)
-    return (int(match["pid"]), match["host"], match["name"], match["kind"]) if match else None
+    if not match:
+        return None
+    namespace = int(match["ns"]) if match["ns"] is not None else None
+    return int(match["pid"]), match["host"], match["name"], match["kind"], namespace
 
 
 def dcp_name(filename: str) -> str:

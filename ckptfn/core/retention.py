@@ -8,15 +8,23 @@ time of its version in a fixed-width form, so names sort chronologically; a
 The executor calls ``plan_prune`` with the directory listing *after* the new
 version is committed, and deletes exactly what it returns: never the current
 file, only the oldest archived versions.
+
+The order is the order of saves, not of the wall clock: the version archived now
+is always the newest, so its name's stamp is its save time or, if the clock went
+backwards since (NTP, a restored VM), just after the newest archived stamp
+(``archive_moment``). The timestamp recorded inside the file stays the true one.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Iterable
 
-from ckptfn.core.naming import archived_of, split_suffix
+from ckptfn.core.naming import archived_of, split_suffix, stamp_moment
 
-__all__ = ["archived_versions", "plan_prune", "version_order"]
+__all__ = ["archive_moment", "archived_versions", "plan_prune", "version_order"]
+
+_TICK = dt.timedelta(microseconds=1)
 
 
 def version_order(name: str, filename: str) -> tuple[str, int] | None:
@@ -61,3 +69,27 @@ def plan_prune(filename: str, keep: int | None, names: Iterable[str]) -> tuple[s
         raise ValueError(f"keep must be an int >= 1 or None, got {keep!r}")
     versions = archived_versions(filename, names)
     return versions[: max(len(versions) - (keep - 1), 0)]
+
+
+def archive_moment(filename: str, saved_at: dt.datetime, names: Iterable[str]) -> dt.datetime:
+    """The moment to name the version of ``filename`` being archived now: its save time, or
+    one microsecond after the newest archived version among ``names`` if that is later.
+
+    >>> import datetime as dt
+    >>> utc = dt.timezone.utc
+    >>> names = ["best.pt", "best_20260103T000000000000Z.pt"]
+    >>> archive_moment("best.pt", dt.datetime(2026, 1, 5, tzinfo=utc), names).day  # the clock moved on
+    5
+    >>> archive_moment("best.pt", dt.datetime(2026, 1, 2, tzinfo=utc), names)  # it went backwards
+    datetime.datetime(2026, 1, 3, 0, 0, 0, 1, tzinfo=datetime.timezone.utc)
+    """
+    versions = archived_versions(filename, names)
+    if not versions:
+        return saved_at
+    newest = stamp_moment(version_order(versions[-1], filename)[0])
+    if saved_at > newest:
+        return saved_at
+    try:
+        return newest + _TICK
+    except OverflowError:  # the newest stamp is the last representable moment: the clash counter orders them
+        return newest

@@ -48,6 +48,9 @@ def check_filename(_inst: object, attribute: attrs.Attribute, value: object) -> 
     for bad, what in (("/", "a '/'"), ("\\", "a '\\'"), ("\0", "a NUL character")):
         if bad in value:
             raise _fail(attribute.name, f"{value!r} contains {what}: it must be a plain file name")
+    if not value.isprintable():
+        bad = next(ch for ch in value if not ch.isprintable())
+        raise _fail(attribute.name, f"{value!r} contains the control character {bad!r}: file names must be printable")
     if value.startswith("."):
         raise _fail(
             attribute.name,

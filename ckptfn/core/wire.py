@@ -10,6 +10,10 @@ instead of acting on the wrong strategy.
 
 Wire forms:
 
+- a configuration (every rank sends its own once, when its manager is built):
+  ``("config", enabled, strategies, settings)``, each strategy ``(class name,
+  ((field, value), ...))`` in field order, ``settings`` the manager options that
+  change which collectives a rank makes, as ``((name, value), ...)``;
 - a decision: ``("decision", filenames, state.to_dict(), actions)``, each action
   ``(class name, strategy index, ((field, value), ...))``;
 - a failure: ``("error", type name, message, published)``, rebuilt on the
@@ -18,7 +22,7 @@ Wire forms:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import attrs
 
@@ -34,7 +38,15 @@ from ckptfn.core.errors import (
 )
 from ckptfn.core.state import State, restore
 
-__all__ = ["decision_from_wire", "decision_to_wire", "failure_from_wire", "failure_to_wire", "is_failure"]
+__all__ = [
+    "config_difference",
+    "config_to_wire",
+    "decision_from_wire",
+    "decision_to_wire",
+    "failure_from_wire",
+    "failure_to_wire",
+    "is_failure",
+]
 
 #: Every action record (an attrs class with a ``strategy`` field), by class name.
 _ACTIONS = {
@@ -161,3 +173,87 @@ def failure_from_wire(wire: tuple, rank: int = 0) -> Exception:
     if issubclass(kind, CheckpointWriteError):
         return kind(f"on rank {rank}: {message}", published)
     return kind(f"on rank {rank}: {message}")
+
+
+# --- the configuration, compared across ranks ---------------------------------------------------
+
+
+def config_to_wire(config: Config, **settings: object) -> tuple:
+    """``config`` (and the manager ``settings`` that decide which collectives a rank makes) as
+    plain data: what each rank sends so that every rank can compare all of them.
+
+    >>> from ckptfn.core.every import Every
+    >>> from ckptfn.core.strategy import Strategy
+    >>> config_to_wire(Config([Strategy("val_loss"), Every(2)]), resume=True)
+    ('config', True, (('Strategy', (('metric_name', 'val_loss'), ('mode', 'min'), ('filename', 'best_val_loss.pt'), ('overwrite', True), ('min_delta', 0.0), ('keep', None))), ('Every', (('n_epochs', 2), ('filename', 'last.pt'), ('overwrite', True), ('keep', None)))), (('resume', True),))
+    """
+    strategies = tuple(
+        (type(s).__name__, tuple((field.name, getattr(s, field.name)) for field in attrs.fields(type(s))))
+        for s in config.strategies
+    )
+    return ("config", config.enabled, strategies, tuple(sorted(settings.items())))
+
+
+def _strategy_name(wire: tuple) -> str:
+    return dict(wire[1]).get("filename", "?")
+
+
+def _differences(mine: tuple, theirs: tuple) -> list[str]:
+    """Each way another rank's configuration (``theirs``) differs from rank 0's (``mine``)."""
+    _, enabled, strategies, settings = mine
+    _, other_enabled, other_strategies, other_settings = theirs
+    found = []
+    if enabled != other_enabled:
+        found.append(f"enabled={other_enabled!r} where rank 0 has {enabled!r}")
+    if len(strategies) != len(other_strategies):
+        found.append(
+            f"{len(other_strategies)} strategies {[_strategy_name(s) for s in other_strategies]} where rank 0 has "
+            f"{len(strategies)} {[_strategy_name(s) for s in strategies]}"
+        )
+    for index, (strategy, other) in enumerate(zip(strategies, other_strategies)):
+        where = f"strategies[{index}]"
+        if strategy[0] != other[0]:
+            theirs_, mine_ = f"{other[0]} {_strategy_name(other)!r}", f"{strategy[0]} {_strategy_name(strategy)!r}"
+            found.append(f"{where} = {theirs_} where rank 0 has {mine_}")
+            continue
+        fields, other_fields = dict(strategy[1]), dict(other[1])
+        for name, value in fields.items():
+            if other_fields.get(name) != value:
+                found.append(
+                    f"{where}.{name}={other_fields.get(name)!r} where rank 0 has {value!r} ({_strategy_name(strategy)})"
+                )
+    values, other_values = dict(settings), dict(other_settings)
+    for name in sorted(set(values) | set(other_values)):
+        value, other = values.get(name, "<not given>"), other_values.get(name, "<not given>")
+        if value != other:
+            found.append(f"{name}={other!r} where rank 0 has {value!r}")
+    return found
+
+
+def config_difference(configs: Sequence[tuple]) -> str | None:
+    """How the ranks' configurations (``config_to_wire`` of rank 0, 1, ...) differ, as one message
+    naming the ranks, the strategies, the fields and both values; None when they are alike. Every
+    rank computes the same message from the same list, so every rank raises the same error.
+
+    >>> from ckptfn.core.strategy import Strategy
+    >>> same = config_to_wire(Config([Strategy("val_loss", filename="best.pt")]))
+    >>> other = config_to_wire(Config([Strategy("val_loss", mode="max", filename="best.pt")]))
+    >>> config_difference([same, same]) is None
+    True
+    >>> print(config_difference([same, other, same]))
+    the ranks are configured differently: rank 1 has strategies[0].mode='max' where rank 0 has 'min' (best.pt); every rank must build its CheckpointManager with the same checkpoint configuration
+    """
+    reports = [(rank, _differences(configs[0], config)) for rank, config in enumerate(configs) if rank]
+    reports = [(rank, found) for rank, found in reports if found]
+    if not reports:
+        return None
+    rank, found = reports[0]
+    others = [other for other, _ in reports[1:]]
+    if len(others) == 1:
+        also = f" (rank {others[0]} differs from rank 0 too)"
+    else:
+        also = f" (ranks {', '.join(map(str, others))} differ from rank 0 too)" if others else ""
+    return (
+        f"the ranks are configured differently: rank {rank} has {'; '.join(found)}{also}; "
+        "every rank must build its CheckpointManager with the same checkpoint configuration"
+    )

@@ -31,7 +31,7 @@ from lightning.pytorch.strategies import Strategy as LightningStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 
 from ckptfn.core.config import Config, as_config
-from ckptfn.core.errors import CheckpointWriteError, MetricTypeError, PayloadError
+from ckptfn.core.errors import CheckpointError, CheckpointWriteError, MetricTypeError, PayloadError
 from ckptfn.core.every import Every
 from ckptfn.core.metrics import metric_value
 from ckptfn.core.snapshot import partition
@@ -62,6 +62,11 @@ class Checkpointing(Checkpoint):
         save_on_train_epoch_end: decide at the end of the training epoch (``True``) or
             after each validation (``False``); ``None`` chooses like ``ModelCheckpoint``
             (at the training epoch's end when validation runs once per epoch or never).
+        resume: what a fit that does not resume from a checkpoint does with checkpoints of
+            an earlier run in ``dirpath``: ``None`` (default) or ``True`` judges against them
+            (only better epochs replace them; ``None`` warns that it does); ``False`` starts
+            from scratch, the explicit opt-in to replace them. A file at a watched name
+            that cannot be judged is refused with a ``CheckpointError``.
 
     The decision is ``ckptfn.step`` on ``trainer.callback_metrics`` (as broadcast from
     global rank 0) at ``trainer.current_epoch``; nothing is decided during the sanity
@@ -88,8 +93,12 @@ class Checkpointing(Checkpoint):
         dirpath: str | os.PathLike | None = None,
         *,
         save_on_train_epoch_end: bool | None = None,
+        resume: bool | None = None,
     ) -> None:
         super().__init__()
+        if resume not in (None, True, False):
+            raise TypeError(f"resume: expected None, True or False, got {resume!r}")
+        self._resume = resume
         self.config: Config = as_config(strategies)
         if dirpath is not None and "://" in os.fspath(dirpath):
             raise ValueError(f"dirpath: ckptfn writes local files, got the URL {os.fspath(dirpath)!r}")
@@ -102,6 +111,9 @@ class Checkpointing(Checkpoint):
         self._last_global_step_decided = 0  # like ModelCheckpoint: nothing to save before a step
         self._seen_skips: frozenset[tuple[str, str]] = frozenset()
         self._resumed = False
+        #: Set while rank 0 writes and the outcome is shared: if anything escapes in between
+        #: (an interrupt ends ``fit``), the next ``fit`` takes the state from the files.
+        self._in_doubt = False
 
     # --- Lightning hooks ------------------------------------------------------------------
 
@@ -115,24 +127,52 @@ class Checkpointing(Checkpoint):
         self.dirpath = pathlib.Path(trainer.strategy.broadcast(os.fspath(dirpath), src=0))
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Reconcile a resumed state with the files (read on global rank 0, then broadcast)."""
-        found = restore_from_directory(self.config, self.dirpath).to_dict() if trainer.is_global_zero else None
-        on_disk = restore(self.config, trainer.strategy.broadcast(found, src=0))
+        """Reconcile the state with the files (read on global rank 0, then broadcast).
+
+        A resumed fit takes its bests from the files (``resume_state``). A fit that does not
+        resume (no ``ckpt_path``, or ``ckpt_path="last"`` finding nothing) in a directory
+        holding checkpoints of an earlier run judges against them by default, so a worse
+        epoch never replaces a better file; ``resume=False`` starts from scratch instead.
+        After an interrupted fit, the state is the files'.
+        """
+        on_disk = self._files_state(trainer)
+        starts_fresh = all(best.epoch is None for best in self.state.bests)
+        found = [s.filename for s, b in zip(self.config.strategies, on_disk.bests) if b.epoch is not None]
         if self._resumed:
             self.state = resume_state(self.state, on_disk)
             self._resumed = False
-        elif (
-            trainer.is_global_zero
-            and all(best.epoch is None for best in self.state.bests)  # this callback starts from scratch
-            and any(best.epoch is not None for best in on_disk.bests)
-        ):
-            names = [s.filename for s, b in zip(self.config.strategies, on_disk.bests) if b.epoch is not None]
+        elif self._in_doubt:
+            self.state = on_disk
+        elif starts_fresh and found and self._resume is not False:
+            self.state = on_disk
+            if trainer.is_global_zero and self._resume is None:
+                warnings.warn(
+                    f"{self.dirpath} holds checkpoints of an earlier run ({', '.join(found)}): judging against "
+                    "them, so only better epochs replace them. Pass Checkpointing(..., resume=False) to start "
+                    "from scratch (they are then replaced or archived).",
+                    stacklevel=1,  # ckptfn's warning, not one of Lightning's (whose caller this is)
+                )
+        elif starts_fresh and found and trainer.is_global_zero:
             warnings.warn(
-                f"{self.dirpath} already holds ckptfn checkpoints ({', '.join(names)}) and this fit does not "
-                "resume, so bests start from scratch and these files will be replaced or archived. "
-                "Pass fit(ckpt_path=...) to continue from them.",
-                stacklevel=1,  # ckptfn's warning, not one of Lightning's (whose caller this is)
+                f"{self.dirpath} already holds checkpoints ({', '.join(found)}) and resume=False, so bests "
+                "start from scratch and these files will be replaced or archived.",
+                stacklevel=1,
             )
+        self._in_doubt = False
+
+    def _files_state(self, trainer: pl.Trainer) -> State:
+        """What the files in ``dirpath`` say, read on global rank 0; its refusal (a file it cannot
+        judge) is raised on every rank alike."""
+        found = None
+        if trainer.is_global_zero:
+            try:
+                found = ("ok", restore_from_directory(self.config, self.dirpath).to_dict())
+            except CheckpointError as error:
+                found = ("error", str(error))
+        kind, value = trainer.strategy.broadcast(found, src=0)
+        if kind == "error":
+            raise CheckpointError(value)
+        return restore(self.config, value)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._decides_on_train_epoch_end(trainer):
@@ -233,6 +273,7 @@ class Checkpointing(Checkpoint):
             checkpoint["callbacks"][self.state_key] = new.to_dict()  # the state after this save
         snapshot = plan(saves, state=new, metrics=metrics, extra={"layout": "flat", "global_step": trainer.global_step})
         error, kept = None, new
+        self._in_doubt = True
         if trainer.is_global_zero:
             written = write(self.dirpath, snapshot, weights_only_checkpoint(checkpoint))
             kept = state_to_keep(self.config, self.dirpath, old, new, written)
@@ -240,9 +281,9 @@ class Checkpointing(Checkpoint):
         report = None if error is None else (str(error), kept.to_dict())
         report = trainer.strategy.broadcast(report, src=0)
         if report is None:
-            self.state = new
+            self.state, self._in_doubt = new, False
             return
-        self.state = restore(self.config, report[1])  # the same on every rank
+        self.state, self._in_doubt = restore(self.config, report[1]), False  # the same on every rank
         if error is not None:
             raise error
         raise CheckpointWriteError(f"global rank 0 could not write the checkpoint: {report[0]}")

@@ -21,25 +21,27 @@ written or read, so single-process users never pay for it.
 
 from __future__ import annotations
 
+import collections
 import contextlib
-import dataclasses
-import enum
 import functools
-import importlib
 import io
 import json
 import os
 import pathlib
 import pickle
+import stat
+import sys
 import types
 import warnings
 from collections.abc import Mapping
 
 from ckptfn.core.errors import CheckpointError, CheckpointNotFoundError, CheckpointWriteError, PayloadError
-from ckptfn.core.metadata import FORMAT
+from ckptfn.core.metadata import FORMAT, MAX_DEPTH, shape_problem
 from ckptfn.core.naming import DCP_SUFFIX
 from ckptfn.io import torch_internals, unpickle
-from ckptfn.io.fs import REAL, FileSystem
+from ckptfn.io.fs import REAL, FileSystem, open_regular
+from ckptfn.io.archive import Damaged, check_archive, read_at
+from ckptfn.io.peek import scan
 
 __all__ = [
     "DCP_SUFFIX",
@@ -93,56 +95,142 @@ def _require_tree(path: pathlib.Path) -> None:
         raise CheckpointError(f"{path}: not a complete torch.distributed.checkpoint directory (no {_DCP_METADATA})")
 
 
+#: The most bytes ``ckptfn.json`` may hold (metadata is small: at most MAX_VALUES values).
+MAX_METADATA_BYTES = 16 * 1024**2
+
+
+class _Unsafe(Exception):
+    """A file of the tree is not a regular file inside it (the message says which and why)."""
+
+
+def _open_in_tree(tree: pathlib.Path, name: object) -> tuple[io.BufferedReader, int]:
+    """``tree/name`` opened for reading, with its size, if it is a regular file directly inside
+    ``tree``: ``name`` one plain file name (no separator, not ``..``, not absolute), the entry
+    no symlink, FIFO or device (checked on the open file too, so a swap after the check is caught)."""
+    if type(name) is not str or name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise _Unsafe(f"{tree}: {name!r:.200} is not the name of a file inside the tree")
+    path = tree / name
+    try:
+        before = os.lstat(path)
+    except FileNotFoundError:
+        raise _Unsafe(f"{path}: missing") from None
+    except OSError as error:
+        raise _Unsafe(f"{path}: cannot be read ({error.strerror or error})") from None
+    if stat.S_ISLNK(before.st_mode):
+        raise _Unsafe(f"{path}: is a symlink (a tree's files are never links: it could point at another run's files)")
+    if not stat.S_ISREG(before.st_mode):
+        raise _Unsafe(f"{path}: not a regular file (a FIFO, device or socket is never part of a checkpoint)")
+    try:
+        file = open_regular(path)
+    except OSError as error:
+        raise _Unsafe(f"{path}: cannot be read ({error.strerror or error})") from None
+    after = os.fstat(file.fileno())
+    if (after.st_dev, after.st_ino) != (before.st_dev, before.st_ino):
+        file.close()
+        raise _Unsafe(f"{path}: was replaced while being opened")
+    return file, after.st_size
+
+
+def _read_in_tree(tree: pathlib.Path, name: str, limit: int) -> bytes:
+    """The bytes of ``tree/name`` (see ``_open_in_tree``), at most ``limit`` of them."""
+    file, size = _open_in_tree(tree, name)
+    with file:
+        if size > limit:
+            raise _Unsafe(f"{tree / name}: {size} bytes, more than the {limit} it may hold")
+        data = file.read(limit + 1)
+    if len(data) > limit:
+        raise _Unsafe(f"{tree / name}: more than the {limit} bytes it may hold")
+    return data
+
+
 def read_sharded_metadata(path: str | os.PathLike) -> dict:
-    """The ckptfn metadata of a sharded checkpoint directory (its ``ckptfn.json``); no tensor is read."""
+    """The ckptfn metadata of a sharded checkpoint directory (its ``ckptfn.json``); no tensor is read.
+
+    ``ckptfn.json`` must be a regular file inside the tree (never a link, FIFO or
+    device) of at most ``MAX_METADATA_BYTES``, holding bounded metadata
+    (``ckptfn.core.metadata.shape_problem``); else ``CheckpointError``.
+    """
     path = pathlib.Path(path)
     _require_tree(path)
-    try:
-        with open(path / METADATA_NAME, "rb") as file:
-            metadata = json.loads(file.read().decode("utf-8"))
-    except FileNotFoundError:
+    if not _exists(path / METADATA_NAME):
         raise CheckpointError(
             f"{path}: not a ckptfn checkpoint (no {METADATA_NAME}); a plain DCP checkpoint loads with "
             "torch.distributed.checkpoint.load"
+        )
+    try:
+        metadata = json.loads(_read_in_tree(path, METADATA_NAME, MAX_METADATA_BYTES).decode("utf-8"))
+    except _Unsafe as error:
+        raise CheckpointError(str(error)) from None
+    except RecursionError:
+        raise CheckpointError(f"{path / METADATA_NAME}: cannot be read (nested too deeply)") from None
+    except ValueError as error:  # not UTF-8, not JSON, a number with too many digits
+        raise CheckpointError(
+            f"{path / METADATA_NAME}: cannot be read ({type(error).__name__}: {str(error)[:200]})"
         ) from None
-    except (OSError, ValueError) as error:
-        raise CheckpointError(f"{path / METADATA_NAME}: cannot be read ({type(error).__name__}: {error})") from error
     if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a ckptfn checkpoint (no {FORMAT!r} metadata in {METADATA_NAME})")
+    problem = shape_problem(metadata)
+    if problem is not None:
+        raise CheckpointError(f"{path / METADATA_NAME}: refused: {problem}")
+    _check_entries(path)
     return metadata
 
 
-_METADATA_MODULES = (
-    "torch.distributed.checkpoint.metadata",
-    "torch.distributed.checkpoint.filesystem",
-    "torch.distributed.checkpoint.planner",
+def _check_entries(tree: pathlib.Path) -> None:
+    """Every entry of a tree is a regular file (DCP writes nothing else): a symlink, FIFO, device or
+    folder there is refused before any reader opens it."""
+    try:
+        entries = list(os.scandir(tree))
+    except OSError as error:
+        raise CheckpointError(f"{tree}: cannot be listed ({error.strerror or error})") from None
+    for entry in entries:
+        if entry.is_symlink():
+            raise CheckpointError(f"{tree / entry.name}: is a symlink (a tree's files are never links: it could point "
+                                  "at another run's files)")
+        if not entry.is_file(follow_symlinks=False):
+            raise CheckpointError(f"{tree / entry.name}: not a regular file (a FIFO, device, socket or folder is never "
+                                  "part of a sharded checkpoint)")
+
+
+#: Every global DCP's ``.metadata`` may name, exactly: what DCP writes for plain and sharded
+#: tensors and byte values (``tests/io/test_dcp.py`` lists them from real saves), besides
+#: torch sizes, dtypes and layouts, paths and ``OrderedDict``.
+_DCP_CLASSES = frozenset(
+    [("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "ChunkStorageMetadata", "BytesStorageMetadata", "_MEM_FORMAT_ENCODING",
+    )]
+    + [("torch.distributed.checkpoint.filesystem", "_StorageInfo")]
 )
-_PATH_CLASSES = {"Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath"}
+_PATH_CLASSES = ("Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath")
+
+
+@functools.cache
+def _metadata_globals() -> dict[tuple[str, str], object]:
+    """The allow-list of ``_resolve_metadata_global``, built once, from modules DCP has imported."""
+    import torch  # lazily: reading ckptfn.json needs no torch
+    import torch.distributed.checkpoint.filesystem  # noqa: F401 - DCP imports both itself
+    import torch.distributed.checkpoint.metadata  # noqa: F401
+
+    allowed: dict[tuple[str, str], object] = {}
+    for module, name in _DCP_CLASSES:
+        found = vars(sys.modules[module]).get(name)
+        if isinstance(found, type):
+            allowed[(module, name)] = found
+    allowed[("torch", "Size")] = torch.Size
+    for name, value in vars(torch).items():  # vars, not getattr: torch imports submodules on attribute access
+        if isinstance(value, (torch.dtype, torch.layout, torch.memory_format)):
+            allowed[("torch", name)] = value
+    allowed[("torch.serialization", "_get_layout")] = torch_internals.layout_from_name
+    allowed.update({("pathlib", name): getattr(pathlib, name) for name in _PATH_CLASSES})
+    allowed[("collections", "OrderedDict")] = collections.OrderedDict
+    return allowed
 
 
 def _resolve_metadata_global(module: str, name: str) -> object:
-    """What DCP's ``.metadata`` may name: DCP's own record classes, torch sizes/dtypes,
-    paths and a few containers; None (refused) for anything else."""
-    import torch  # lazily: reading ckptfn.json needs no torch
-
-    if module in _METADATA_MODULES and not name.startswith("__"):
-        candidate = getattr(importlib.import_module(module), name, None)
-        if isinstance(candidate, type) and (dataclasses.is_dataclass(candidate) or issubclass(candidate, enum.Enum)):
-            return candidate
-        return None
-    if module == "torch" and name == "Size":
-        return torch.Size
-    if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)):
-        return getattr(torch, name)
-    if (module, name) == ("torch.serialization", "_get_layout"):
-        return torch_internals.layout_from_name
-    if module == "pathlib" and name in _PATH_CLASSES:
-        return getattr(pathlib, name)
-    return _CONTAINERS.get((module, name))
-
-
-_CONTAINERS = {("collections", "OrderedDict"): __import__("collections").OrderedDict, ("builtins", "set"): set,
-               ("builtins", "frozenset"): frozenset}
+    """What DCP's ``.metadata`` may name, by exact (module, name) (see ``_DCP_CLASSES``); None
+    (refused) for anything else. Nothing is imported on a pickle's say-so."""
+    return _metadata_globals().get((module, name))
 
 
 def _safe_load_bytes(value: io.BytesIO, fqn: str) -> object:
@@ -153,25 +241,171 @@ def _safe_load_bytes(value: io.BytesIO, fqn: str) -> object:
         raise CheckpointError(f"value {fqn!r} does not load with torch.load(weights_only=True): {error}") from error
 
 
+class _Window(io.RawIOBase):
+    """``length`` bytes of ``file`` from ``offset``, as a seekable file of their own (never reads outside)."""
+
+    def __init__(self, file, offset: int, length: int) -> None:
+        super().__init__()
+        self._file, self._offset, self._length, self._at = file, offset, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._at
+
+    def seek(self, at: int, whence: int = 0) -> int:
+        base = (0, self._at, self._length)[whence]
+        self._at = min(max(base + at, 0), self._length)
+        return self._at
+
+    def read(self, size: int = -1) -> bytes:
+        size = self._length - self._at if size is None or size < 0 else min(size, self._length - self._at)
+        self._file.seek(self._offset + self._at)
+        data = self._file.read(size)
+        self._at += len(data)
+        return data
+
+    def readinto(self, buffer) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
+def _check_blob(file, where: str, offset: int, length: int) -> None:
+    """One value of a shard file (a ``torch.save`` archive DCP will ``torch.load``), vetted as a
+    checkpoint file is: its zip structure, and a ``data.pkl`` that asks torch to allocate nothing
+    on its say-so (``ckptfn.io.peek``)."""
+    window = _Window(file, offset, length)
+    try:
+        archive = check_archive(window, length)
+        member = archive.prefix + "data.pkl"
+        scan(read_at(window, *archive.members[member]), f"{where}: {member}", archive.records())
+    except Damaged as error:
+        raise CheckpointError(f"{where}: not a torch.save archive ({error})") from None
+    except CheckpointError as error:
+        raise CheckpointError(f"{where}: {error}" if not str(error).startswith(where) else str(error)) from None
+
+
+def _product(numbers: object) -> int:
+    total = 1
+    for number in numbers:
+        if type(number) is not int or number < 0:
+            raise _Unsafe(f"size {tuple(numbers)!r:.80} is not made of non-negative ints")
+        total *= number
+    return total
+
+
+def _check_dcp_metadata(tree: pathlib.Path, metadata: object, classes: types.SimpleNamespace) -> None:
+    """Refuse a ``.metadata`` that would make DCP open a file outside the tree (or a link, FIFO
+    or device in it), read outside a file, decompress, allocate more than the shard files hold,
+    or build a list longer than the checkpoint has values."""
+    if type(metadata) is not classes.Metadata:
+        raise _Unsafe(f"holds a {type(metadata).__name__}, not DCP's Metadata")
+    storage, tensors, planner_data = metadata.storage_data, metadata.state_dict_metadata, metadata.planner_data
+    if type(storage) is not dict or type(tensors) is not dict or not isinstance(planner_data, (dict, type(None))):
+        raise _Unsafe("its storage_data, state_dict_metadata or planner_data is not a dict")
+    files: dict[str, int] = {}
+    stored: collections.Counter = collections.Counter()
+    for index, info in storage.items():
+        if type(index) is not classes.MetadataIndex or type(info) is not classes.StorageInfo:
+            raise _Unsafe(f"storage_data maps {type(index).__name__} to {type(info).__name__}")
+        if info.transform_descriptors:
+            raise _Unsafe(
+                f"{index.fqn!r:.80} is stored through DCP extensions {info.transform_descriptors!r:.80} (ckptfn writes none)"
+            )
+        name = info.relative_path
+        if name not in files:
+            file, files[name] = _open_in_tree(tree, name)
+            file.close()
+        if not (type(info.offset) is int and type(info.length) is int and 0 <= info.offset
+                and 0 <= info.length <= files[name] - info.offset):
+            raise _Unsafe(f"{index.fqn!r:.80}: bytes {info.offset!r:.20}+{info.length!r:.20} lie outside {tree / name}")
+        stored[index.fqn] += info.length
+    for fqn, entry in tensors.items():
+        if type(entry) is classes.BytesStorageMetadata:
+            continue
+        if type(entry) is not classes.TensorStorageMetadata or type(entry.chunks) is not list:
+            raise _Unsafe(f"{fqn!r:.80}: {type(entry).__name__} is not a DCP storage record")
+        numel = _product(entry.size)
+        held = sum(_product(chunk.sizes) for chunk in entry.chunks)
+        itemsize = getattr(entry.properties.dtype, "itemsize", 1)
+        if numel > held or held * itemsize > stored[fqn]:
+            raise _Unsafe(
+                f"{fqn!r:.80}: a tensor of {numel} elements in chunks of {held}, but its shards hold {stored[fqn]} bytes"
+            )
+    for fqn, where in (planner_data or {}).items():
+        if type(where) not in (tuple, list) or not 0 < len(where) <= MAX_DEPTH:
+            raise _Unsafe(f"planner_data[{fqn!r:.80}] is not a key path of at most {MAX_DEPTH} keys")
+        for key in where:
+            if not (type(key) is str or (type(key) is int and 0 <= key < len(tensors))):
+                raise _Unsafe(f"planner_data[{fqn!r:.80}]: key {key!r:.40} (a list index must be below {len(tensors)})")
+
+
 @functools.cache
 def _dcp():
     """DCP and ckptfn's safe reader/planners over it, built on first use (imports DCP)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import DefaultLoadPlanner, DefaultSavePlanner, FileSystemReader
-    from torch.distributed.checkpoint.metadata import StorageMeta
+    from torch.distributed.checkpoint import filesystem, metadata as records
+
+    allowed = _metadata_globals()  # the record classes, by the names DCP's pickle uses
+    classes = types.SimpleNamespace(
+        StorageInfo=allowed.get(("torch.distributed.checkpoint.filesystem", "_StorageInfo")),
+        **{name: allowed.get(("torch.distributed.checkpoint.metadata", name))
+           for name in ("Metadata", "MetadataIndex", "TensorStorageMetadata", "BytesStorageMetadata")},
+    )
+
+    class TreeOnly(filesystem.FileSystem):
+        """DCP's file access, limited to reading regular files directly inside one tree."""
+
+        def __init__(self, tree: pathlib.Path) -> None:
+            super().__init__()
+            self.tree = tree
+
+        @contextlib.contextmanager
+        def create_stream(self, path, mode):
+            path = pathlib.Path(path)
+            if mode != "rb" or path.parent != self.tree:
+                raise CheckpointError(f"{path}: DCP asked to open it with {mode!r}; a reader only reads files of {self.tree}")
+            try:
+                file, _ = _open_in_tree(self.tree, path.name)
+            except _Unsafe as error:
+                raise CheckpointError(str(error)) from None
+            with file:
+                yield file
 
     class SafeReader(FileSystemReader):
+        def __init__(self, path) -> None:
+            super().__init__(path)
+            self.tree = pathlib.Path(self.path)
+            self.fs = TreeOnly(self.tree)
+
         def read_metadata(self, *args, **kwargs):
-            path = pathlib.Path(self.path) / _DCP_METADATA
-            with open(path, "rb") as file:
-                try:
+            path = self.tree / _DCP_METADATA
+            try:
+                file, _ = _open_in_tree(self.tree, _DCP_METADATA)
+                with file:
                     metadata = unpickle.load(file, _resolve_metadata_global)
-                except pickle.UnpicklingError as error:
-                    raise CheckpointError(f"{path}: refused to unpickle ({error})") from error
+            except _Unsafe as error:
+                raise CheckpointError(str(error)) from None
+            except pickle.UnpicklingError as error:
+                raise CheckpointError(f"{path}: refused to unpickle ({error})") from None
+            except CheckpointError:
+                raise
+            except Exception as error:  # noqa: BLE001 - a damaged pickle raises many types
+                raise CheckpointError(f"{path}: cannot be unpickled ({type(error).__name__}: {str(error)[:200]})") from None
             if getattr(metadata, "storage_meta", None) is None:
-                metadata.storage_meta = StorageMeta()
+                metadata.storage_meta = records.StorageMeta()
             metadata.storage_meta.load_id = getattr(self, "load_id", None)
             return metadata
+
+        def _slice_file(self, file, sinfo):
+            _check_blob(file, f"{self.tree / sinfo.relative_path} at {sinfo.offset}", sinfo.offset, sinfo.length)
+            return super()._slice_file(file, sinfo)
 
     def load_bytes_safely(planner, super_load_bytes, read_item, value):
         # Load with weights_only=True, then hand DCP a re-serialized copy of the (now known
@@ -183,17 +417,34 @@ def _dcp():
         buffer.seek(0)
         super_load_bytes(read_item, buffer)
 
-    class SafeLoadPlanner(DefaultLoadPlanner):
+    class Vetting:
+        """A load planner for one tree that vets DCP's metadata against the tree before planning
+        (``_check_dcp_metadata``): before it allocates a tensor or DCP opens a file."""
+
+        def __init__(self, tree: str | os.PathLike, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.tree = pathlib.Path(tree)
+
+        def set_up_planner(self, state_dict, metadata=None, is_coordinator=False):
+            try:
+                _check_dcp_metadata(self.tree, metadata, classes)
+            except _Unsafe as error:
+                where = self.tree / _DCP_METADATA
+                raise CheckpointError(str(error) if str(error).startswith(str(self.tree)) else f"{where}: refused: {error}") from None
+            super().set_up_planner(state_dict, metadata, is_coordinator)
+
         def load_bytes(self, read_item, value):
             load_bytes_safely(self, super().load_bytes, read_item, value)
+
+    class SafeLoadPlanner(Vetting, DefaultLoadPlanner):
+        pass
 
     empty_planner = None
     base = torch_internals.empty_state_dict_load_planner()  # what torch's own dcp_to_torch_save uses
     if base is not None:
 
-        class SafeEmptyPlanner(base):
-            def load_bytes(self, read_item, value):
-                load_bytes_safely(self, super().load_bytes, read_item, value)
+        class SafeEmptyPlanner(Vetting, base):
+            pass
 
         empty_planner = SafeEmptyPlanner
 
@@ -284,7 +535,7 @@ def load_sharded(path: str | os.PathLike, state_dict: dict, *, process_group: ob
             api.dcp.load(
                 state_dict,
                 storage_reader=api.reader(path),
-                planner=api.planner(),
+                planner=api.planner(path),
                 process_group=process_group,
                 no_dist=no_dist,
             )
@@ -309,7 +560,7 @@ def load_consolidated(path: str | os.PathLike) -> tuple[dict, dict]:
         raise CheckpointError(f"{path}: this torch version cannot load a DCP checkpoint without a template; use load_sharded")
     state_dict: dict = {}
     try:
-        torch_internals.load_without_template(state_dict, reader=api.reader(path), planner=api.empty_planner())
+        torch_internals.load_without_template(state_dict, reader=api.reader(path), planner=api.empty_planner(path))
     except api.failures as error:
         cause = _dcp_failure(error)
         raise CheckpointError(f"{path}: cannot be loaded ({type(cause).__name__}: {cause})") from error
@@ -343,6 +594,7 @@ def write_shards(
     if coordinator:
         try:
             fs.mkdir(directory)
+            fs.make_directory(temp)  # made (and locked) by its owner before DCP writes into it
         except OSError:  # DCP creates the directory itself below and shares its error with every rank
             pass
     try:

@@ -6,6 +6,13 @@ one ``FileSystem`` object, so tests can count the operations, fail any one of
 them, or stop the protocol right after the k-th (crash-point testing). ``REAL``
 is the one the library uses. ``tests/test_purity.py`` checks that no other
 module of the library makes such a call itself.
+
+Every temporary entry (a name of ``ckptfn.core.naming.temp_name``'s form) is
+locked by its creator from the moment it is created until it is released
+(``release``): a shared ``flock`` on an open descriptor of it. A writer that
+tidies after dead writers removes a temporary entry only if it can take that lock
+(``in_use``), so liveness does not rest on process ids alone, which another PID
+namespace (a container, ``unshare -p``) on the same host sees differently.
 """
 
 from __future__ import annotations
@@ -17,8 +24,11 @@ import io
 import os
 import pathlib
 import stat
+import threading
 from collections.abc import Iterator
 from typing import BinaryIO
+
+from ckptfn.core.naming import parse_temp_name
 
 try:
     import fcntl
@@ -133,6 +143,69 @@ class _SeamFile(io.RawIOBase):
                 super().close()
 
 
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+_O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+
+
+def _lock_descriptor(path: pathlib.Path) -> int | None:
+    """A read-only descriptor of the entry at ``path`` (never following a symlink, never
+    blocking on a FIFO), or None where it cannot be opened."""
+    flags = os.O_RDONLY | _O_NOFOLLOW | _O_NONBLOCK
+    try:
+        return os.open(path, flags | (_O_DIRECTORY if os.path.isdir(path) else 0))
+    except OSError:
+        return None
+
+
+def _unlock_and_close(fd: int) -> None:
+    """Release a ``flock`` explicitly, then close: a child forked meanwhile holds a copy of the
+    descriptor, and closing ours alone would leave the lock held until that child exits."""
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+class _Locks:
+    """The shared locks this process holds on its temporary entries, by path."""
+
+    def __init__(self) -> None:
+        self._held: dict[str, int] = {}
+        self._guard = threading.Lock()
+
+    def take(self, path: pathlib.Path) -> None:
+        if fcntl is None or parse_temp_name(pathlib.Path(path).name) is None:
+            return
+        fd = _lock_descriptor(path)
+        if fd is None:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return
+        with self._guard:
+            old = self._held.pop(str(path), None)
+            self._held[str(path)] = fd
+        if old is not None:
+            os.close(old)
+
+    def release(self, path: pathlib.Path) -> None:
+        with self._guard:
+            fd = self._held.pop(str(path), None)
+        if fd is not None:
+            _unlock_and_close(fd)
+
+    def held(self, path: pathlib.Path) -> bool:
+        with self._guard:
+            return str(path) in self._held
+
+
+_LOCKS = _Locks()
+
+
 class FileSystem:
     """The real file system. Subclass and override to count, fail or cut operations.
 
@@ -175,12 +248,56 @@ class FileSystem:
             self.fsync_dir(new.parent)
 
     def make_directory(self, path: pathlib.Path) -> None:
-        """Create one directory (``FileExistsError`` if the name is taken)."""
+        """Create one directory (``FileExistsError`` if the name is taken); a temporary one is
+        locked until ``release``."""
         os.mkdir(path)
+        _LOCKS.take(path)
 
     def create(self, path: pathlib.Path) -> _SeamFile:
-        """Create ``path`` exclusively for writing (mode 0o666 minus the umask)."""
-        return _SeamFile(self, open(path, "xb", buffering=0), path)
+        """Create ``path`` exclusively for writing (mode 0o666 minus the umask); a temporary
+        file is locked until ``release``."""
+        raw = open(path, "xb", buffering=0)
+        _LOCKS.take(path)
+        return _SeamFile(self, raw, path)
+
+    def hold(self, path: pathlib.Path) -> None:
+        """Lock the temporary entry at ``path`` (one made by someone else, e.g. DCP's tree)."""
+        _LOCKS.take(path)
+
+    def release(self, path: pathlib.Path) -> None:
+        """Let go of this process's lock on the temporary entry ``path`` (after it was renamed
+        away or removed). A no-op for paths it holds no lock on."""
+        _LOCKS.release(path)
+
+    def pid_namespace(self) -> int | None:
+        """This process's PID-namespace id (Linux), or None where there is none to tell."""
+        try:
+            return os.stat("/proc/self/ns/pid").st_ino
+        except OSError:
+            return None
+
+    def age(self, path: pathlib.Path) -> float:
+        """Seconds since the entry at ``path`` last changed (its data or its inode)."""
+        import time
+
+        info = os.lstat(path)
+        return time.time() - max(info.st_mtime, info.st_ctime)
+
+    def in_use(self, path: pathlib.Path) -> bool:
+        """Whether some process (in any PID namespace of this host) holds the lock of the
+        temporary entry at ``path``. False where locks are not available."""
+        if fcntl is None or _LOCKS.held(path):
+            return _LOCKS.held(path)
+        fd = _lock_descriptor(path)
+        if fd is None:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            return error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
+        finally:
+            os.close(fd)  # closing drops the probe's lock
+        return False
 
     def write(self, raw: BinaryIO, data) -> int:
         # An unbuffered file may write less than asked (e.g. when the disk is nearly full).
@@ -311,7 +428,7 @@ class FileSystem:
             yield
         finally:
             if fd is not None:
-                os.close(fd)  # closing releases the lock
+                _unlock_and_close(fd)
 
     def symlink(self, text: str, target: pathlib.Path) -> None:
         """Create ``target`` as a symbolic link holding ``text`` (fails if ``target`` exists)."""

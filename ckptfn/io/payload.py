@@ -43,6 +43,7 @@ class _Walker:
     def __init__(self) -> None:
         self.allowed = _safe_globals()
         self.active: set[int] = set()
+        self.storages: dict[tuple[str, int], tuple[torch.dtype, str]] = {}  # storage -> (dtype, path) seen
 
     def convert(self, value: object, path: str) -> object:
         kind = type(value)
@@ -51,7 +52,9 @@ class _Walker:
                 f"{path}: empty bytes b'' does not load with torch.load(weights_only=True) (torch pickles "
                 "it as a call to bytes()); store bytearray() or None instead"
             )
-        if kind in _ATOMS or kind in _TENSORS:
+        if kind in _TENSORS:
+            return self._tensor(value, path)
+        if kind in _ATOMS:
             return value
         if isinstance(value, torch.Tensor):
             raise PayloadError(
@@ -65,6 +68,27 @@ class _Walker:
         if self.allowed and isinstance(value, self.allowed):
             return value
         return self._scalar(value, path)
+
+    def _tensor(self, tensor: torch.Tensor, path: str) -> torch.Tensor:
+        """A tensor stores as it is, if ``torch.save`` can store it and its attributes load."""
+        if tensor.is_mkldnn:
+            raise PayloadError(f"{path}: an MKL-DNN tensor cannot be saved by torch.save; store tensor.to_dense()")
+        for name, attribute in vars(tensor).items():
+            if self.convert(attribute, f"{path}.{name}") is not attribute:
+                raise PayloadError(
+                    f"{path}.{name}: a tensor attribute must be plain data as it is (it is stored with the tensor)"
+                )
+        if tensor.layout == torch.strided and not tensor.is_meta and not tensor.is_quantized:
+            storage = tensor.untyped_storage()
+            if storage.nbytes():
+                key = (str(storage.device), storage.data_ptr())
+                seen = self.storages.setdefault(key, (tensor.dtype, path))
+                if seen[0] != tensor.dtype:
+                    raise PayloadError(
+                        f"{path}: views the same memory as {seen[1]} as another dtype ({tensor.dtype} and {seen[0]}), "
+                        "which torch.save refuses; store a copy (tensor.clone()) of one of them"
+                    )
+        return tensor
 
     def _container(self, value, path: str, walk: Callable) -> object:
         if id(value) in self.active:

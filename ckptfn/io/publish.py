@@ -43,7 +43,7 @@ from collections.abc import Callable, Sequence
 
 from ckptfn.core.errors import CheckpointError, CheckpointWriteError
 from ckptfn.core.naming import archive_name, dcp_name, host_tag, parse_temp_name, temp_name
-from ckptfn.core.retention import plan_prune
+from ckptfn.core.retention import archive_moment, plan_prune
 from ckptfn.core.snapshot import Target
 from ckptfn.io.fs import EXCHANGE_UNSUPPORTED, LINKS_UNSUPPORTED, REAL, FileSystem
 
@@ -53,6 +53,10 @@ logger = logging.getLogger("ckptfn")
 
 #: How many archive names (``-1``, ``-2``, ...) to try for one save time before giving up.
 ARCHIVE_ATTEMPTS = 10_000
+#: A temporary entry of a writer whose process id this process cannot judge (another PID
+#: namespace, or a name without one) is removed only after this many seconds unchanged and
+#: unlocked: a live writer locks its entries the moment it creates them.
+STALE_AFTER = 10.0
 
 
 def _is_tree(path: pathlib.Path) -> bool:
@@ -223,24 +227,28 @@ class Publisher:
         self.temps: list[pathlib.Path] = []
         self.published: list[pathlib.Path] = []
         self.archived: list[tuple[pathlib.Path, pathlib.Path]] = []  # (archive, final) made by this call
-        #: Target filenames published so far, for a caller that must know even after an interrupt.
+        #: Target filenames that may hold the new snapshot (each is added just before its install),
+        #: for a caller that must know even after an interrupt.
         self.progress = progress if progress is not None else []
 
     def new_temp(self, name: str, kind: str = "tmp") -> pathlib.Path:
         """A fresh hidden name owned by this call (removed by ``undo`` unless consumed)."""
-        path = self.directory / temp_name(name, os.getpid(), socket.gethostname(), secrets.token_hex(6), kind)
+        token = secrets.token_hex(6)
+        path = self.directory / temp_name(name, os.getpid(), socket.gethostname(), token, kind, self.fs.pid_namespace())
         self.temps.append(path)
         return path
 
     def adopt(self, path: pathlib.Path) -> pathlib.Path:
         """Count an entry made by someone else (DCP's temporary tree) as this call's temporary."""
         self.temps.append(path)
+        self.fs.hold(path)
         return path
 
     def consumed(self, path: pathlib.Path) -> None:
         """``path`` no longer names a temporary entry of this call (it was renamed away)."""
         if path in self.temps:
             self.temps.remove(path)
+        self.fs.release(path)
 
     def add_name(self, source: pathlib.Path, target: pathlib.Path) -> None:
         """Give the entry at ``source`` the visible new name ``target``: complete or absent at
@@ -263,7 +271,7 @@ class Publisher:
         """Keep the entry at ``final`` under its timestamped archive name (no-op if absent)."""
         if not os.path.lexists(final):
             return None
-        moment = saved_at(final)
+        moment = archive_moment(final.name, saved_at(final), self.fs.listdir(self.directory))
         for clash in range(ARCHIVE_ATTEMPTS):
             candidate = self.directory / archive_name(final.name, moment, clash)
             if os.path.lexists(candidate):
@@ -292,13 +300,16 @@ class Publisher:
                     self.kind.copy_into(self.fs, temp, source)
                 if not target.overwrite:
                     self.archive(final)
+                # recorded before the install: an interrupt raised as the rename returns must not
+                # hide that the name may have moved (over-reporting only makes callers read the files)
+                self.progress.append(target.filename)
                 superseded = self.kind.install(self, source, final)
                 self.consumed(source)
                 self.published.append(final)
-                self.progress.append(target.filename)
                 if superseded is not None:
                     self.fs.fsync_dir(self.directory)  # the new entry is durable before the old one goes
                     self._drop(superseded)
+                    self.fs.release(superseded)
         self.fs.fsync_dir(self.directory)
         return tuple(self.published)
 
@@ -322,6 +333,7 @@ class Publisher:
         for path in doomed:
             if os.path.lexists(path):
                 self._remove_quietly(path)
+            self.fs.release(path)
         self.temps.clear()
 
 
@@ -414,6 +426,12 @@ def sweep(directory: str | os.PathLike, fs: FileSystem = REAL) -> None:
     (files and trees alike), and move an entry they had moved aside back to its name if
     that name is empty (a crash in the non-atomic fallback's window).
 
+    A writer is dead when nobody holds the lock of its temporary entry
+    (``FileSystem.in_use``) and either its name says it ran in this PID namespace and its
+    process id names no live process, or (another namespace, or no namespace in the name)
+    the entry has not changed for ``STALE_AFTER`` seconds: process ids mean nothing across
+    namespaces (containers, ``unshare -p``), so a live writer there keeps its files.
+
     Raises ``OSError`` if the directory cannot be listed (other than not existing).
     """
     directory = pathlib.Path(directory)
@@ -421,12 +439,23 @@ def sweep(directory: str | os.PathLike, fs: FileSystem = REAL) -> None:
         names = fs.listdir(directory)
     except FileNotFoundError:
         return
-    mine = host_tag(socket.gethostname())
+    mine, here = host_tag(socket.gethostname()), fs.pid_namespace()
     for name in sorted(names, key=lambda n: n.endswith(".tmp")):  # asides first
         parsed = parse_temp_name(name)
-        if parsed is None or parsed[1] != mine or fs.pid_alive(parsed[0]):  # our own pid is alive
+        if parsed is None or parsed[1] != mine:
             continue
         path, final = directory / name, directory / parsed[2]
+        try:
+            if fs.in_use(path):
+                continue  # a live writer holds it
+            if parsed[4] is not None and parsed[4] == here:
+                if fs.pid_alive(parsed[0]):  # our own pid is alive
+                    continue
+            elif parsed[4] is not None or fs.pid_alive(parsed[0]):
+                if fs.age(path) < STALE_AFTER:  # a pid we cannot judge: only an old, unlocked entry is dead
+                    continue
+        except OSError:
+            continue  # gone meanwhile
         try:
             if parsed[3] == "old" and not os.path.lexists(final):
                 fs.rename(path, final)

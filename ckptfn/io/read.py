@@ -2,6 +2,15 @@
 
 There is no switch to turn safe loading off and never a fallback to unsafe
 unpickling: a file that needs it is refused with a ``CheckpointError``.
+
+Every file is vetted before torch (or anything else) reads it (``ckptfn.io.peek``):
+a regular file, never a FIFO or device; a zip archive whose every record torch.save
+could have written (headers checked against the central directory, no data read);
+a ``data.pkl`` that asks for nothing on its own say-so (no ``bytearray(3 GiB)``, no
+tensor past its record) and holds bounded metadata (no cycles, at most
+``MAX_DEPTH`` levels and ``MAX_VALUES`` values). So ``read_metadata`` accepts a file
+only if ``load_checkpoint`` loads it, both answer within time and memory bounded by
+the file's own size, and resume never adopts a best it cannot load.
 """
 
 from __future__ import annotations
@@ -10,15 +19,14 @@ import errno
 import os
 import pathlib
 import warnings
-import zipfile
 from collections.abc import Iterable, Mapping
-
 
 from ckptfn.core.errors import CheckpointError, CheckpointNotFoundError
 from ckptfn.io.fs import open_regular
 from ckptfn.core.config import as_config
 from ckptfn.core.metadata import FORMAT, decompose
-from ckptfn.io.peek import peek_metadata
+from ckptfn.io.archive import Archive, Damaged, check_archive, read_at
+from ckptfn.io.peek import Scanned, checked_metadata, metadata_of, scan
 from ckptfn.core.naming import DCP_SUFFIX, dcp_name
 from ckptfn.io.dcp import is_sharded_checkpoint, load_consolidated, read_sharded_metadata
 from ckptfn.core.state import State, restore_from_saves
@@ -37,13 +45,17 @@ __all__ = [
 def visible_files(directory: pathlib.Path) -> list[str]:
     """The non-hidden regular files of ``directory`` (temporary files are hidden), sorted."""
     try:
-        return sorted(
-            entry.name
-            for entry in os.scandir(directory)
-            if not entry.name.startswith(".") and entry.is_file()
-        )
+        entries = list(os.scandir(directory))
     except OSError:
         return []
+    return sorted(entry.name for entry in entries if not entry.name.startswith(".") and _is_file(entry))
+
+
+def _is_file(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_file()
+    except OSError:  # one entry that cannot be examined (a symlink loop, say) hides no other
+        return False
 
 
 def _not_found(path: pathlib.Path) -> CheckpointNotFoundError:
@@ -69,33 +81,32 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {line[:200]}" if line else type(error).__name__
 
 
-def _check_members(path: pathlib.Path, file) -> None:
-    """Refuse zip members torch.save never writes, before torch allocates memory for them.
+def _check_members(path: pathlib.Path, file) -> Archive:
+    """Refuse archives torch.save never writes, before torch allocates memory for them.
 
-    torch.save stores every member uncompressed, inside the file. A compressed
-    member could expand a thousandfold (a zip bomb), and a header claiming more
-    bytes than the file holds is damage or an attack.
+    torch.save stores every member uncompressed, inside the file, under one folder,
+    with a local header that agrees with the central directory. A compressed
+    member could expand a thousandfold (a zip bomb); a header claiming more bytes
+    than the file holds, members that overlap or a local header that disagrees
+    with the central directory is damage or an attack, and so is a missing
+    ``data.pkl`` or ``version`` record. Headers and sizes are checked, never the
+    data: the cost is one small read per member.
     """
     size = os.fstat(file.fileno()).st_size
     try:
-        members = zipfile.ZipFile(file).infolist()
-    except Exception as error:  # zipfile raises many types for damaged archives
-        raise CheckpointError(f"{path}: not a ckptfn checkpoint (damaged zip archive: {_first_line(error)})") from error
-    for member in members:
-        if member.compress_type != zipfile.ZIP_STORED:
-            raise CheckpointError(
-                f"{path}: zip member {member.filename!r} is compressed, which torch.save never does "
-                "(refused: it could be a zip bomb)"
-            )
-        if member.file_size != member.compress_size or member.header_offset + member.compress_size > size:
-            raise CheckpointError(
-                f"{path}: zip member {member.filename!r} claims {member.file_size} bytes, more than the "
-                f"{size}-byte file holds"
-            )
+        return check_archive(file, size)
+    except Damaged as error:
+        raise CheckpointError(f"{path}: not a ckptfn checkpoint (damaged zip archive: {error})") from None
+    except CheckpointError as error:
+        raise CheckpointError(f"{path}: {error}") from None
 
 
-def _checked_file(path: str | os.PathLike) -> pathlib.Path:
-    """``path`` as a regular zip file whose members torch.save could have written, else the documented error."""
+def _checked_file(path: str | os.PathLike) -> tuple[pathlib.Path, Scanned, str]:
+    """``path`` as a regular zip file whose structure torch.save could have written and whose
+    ``data.pkl`` the allow-listed scan accepts (``ckptfn.io.peek.scan``: nothing torch would
+    allocate on the pickle's say-so, no tensor past its record, bounded metadata), all read
+    through one open file; else the documented error. Returns the path, the scan and the
+    name of ``data.pkl``."""
     path = pathlib.Path(path)
     if not os.path.lexists(path):
         raise _not_found(path)
@@ -105,7 +116,12 @@ def _checked_file(path: str | os.PathLike) -> pathlib.Path:
         with open_regular(path) as file:  # a FIFO planted at a checkpoint name must not block us
             magic = file.read(4)
             if magic == _ZIP_MAGIC:
-                _check_members(path, file)
+                archive = _check_members(path, file)
+                member = archive.prefix + "data.pkl"
+                try:
+                    data = read_at(file, *archive.members[member])
+                except Damaged as error:
+                    raise CheckpointError(f"{path}: cannot be read ({error})") from None
     except OSError as error:
         if error.errno == errno.EINVAL:
             raise CheckpointError(f"{path}: not a regular file (a FIFO, device or socket is never a checkpoint)") from None
@@ -113,10 +129,15 @@ def _checked_file(path: str | os.PathLike) -> pathlib.Path:
     if magic != _ZIP_MAGIC:
         what = "an empty file" if not magic else "not a torch zip archive"
         raise CheckpointError(f"{path}: not a ckptfn checkpoint ({what})")
-    return path
+    scanned = scan(data, f"{path}: {member}", archive.records())
+    parts = decompose(scanned.loaded)
+    if parts is not None:  # unbounded metadata is refused before torch spends time on it
+        checked_metadata(parts[1], f"{path}: {member}")
+    return path, scanned, member
 
 
 def _torch_load(path: pathlib.Path, **options) -> dict:
+    """torch's ``weights_only`` loader, over a file ``_checked_file`` has vetted."""
     import torch  # here, not at import: reading metadata (ckptfn inspect) does not need torch
 
     try:
@@ -134,6 +155,7 @@ def _torch_load(path: pathlib.Path, **options) -> dict:
             f"{path}: not a ckptfn checkpoint (no {FORMAT!r} metadata); "
             "a plain torch.save file loads with torch.load(path, weights_only=True)"
         )
+    checked_metadata(parts[1], str(path))
     return {"state_dict": parts[0], "metadata": parts[1]}
 
 
@@ -145,7 +167,7 @@ def _format_of(loaded: object) -> str | None:
 
 
 def _load(path: str | os.PathLike, **options) -> dict:
-    return _torch_load(_checked_file(path), **options)
+    return _torch_load(_checked_file(path)[0], **options)
 
 
 def _is_sharded(path: str | os.PathLike) -> bool:
@@ -193,9 +215,9 @@ def read_metadata(path: str | os.PathLike) -> dict:
     """
     if _is_sharded(path):
         return read_sharded_metadata(path)
-    path = _checked_file(path)
-    metadata = peek_metadata(path)  # without torch, when the allow-listed reader can vouch for the file
-    if metadata is not None:
+    path, scanned, member = _checked_file(path)  # refuses what torch would allocate on the pickle's say-so
+    metadata = metadata_of(scanned, f"{path}: {member}")
+    if metadata is not None:  # plain data, nothing foreign: no need for torch
         return metadata
     return _torch_load(path, map_location="cpu", mmap=True)["metadata"]
 
@@ -205,8 +227,14 @@ def read_metadata(path: str | os.PathLike) -> dict:
 UNREADABLE = ("error", "warn")
 
 
+#: How much of a best ``restore_from_directory`` checks before trusting it: ``"structure"`` (what
+#: ``read_metadata`` checks: the zip structure and the metadata) or ``"full"`` (every record's CRC32
+#: and a ``weights_only`` load, ``ckptfn.verify_checkpoint``).
+VERIFY_LEVELS = ("structure", "full")
+
+
 def saved_metadata(
-    directory: str | os.PathLike, filenames: Iterable[str], *, unreadable: str = "error"
+    directory: str | os.PathLike, filenames: Iterable[str], *, unreadable: str = "error", verify: str = "structure"
 ) -> dict[str, dict | None]:
     """The metadata of each named file in ``directory``; None when there is none.
 
@@ -218,18 +246,25 @@ def saved_metadata(
     """
     if unreadable not in UNREADABLE:
         raise ValueError(f"unreadable: expected one of {UNREADABLE}, got {unreadable!r}")
+    if verify not in VERIFY_LEVELS:
+        raise ValueError(f"verify: expected one of {VERIFY_LEVELS}, got {verify!r}")
     directory = pathlib.Path(directory)
     found: dict[str, dict | None] = {}
     for name in filenames:
         candidates = dict.fromkeys((directory / name, directory / dcp_name(name)))
-        saved = [meta for path in candidates if (meta := _metadata_or_none(path, unreadable)) is not None]
+        saved = [meta for path in candidates if (meta := _metadata_or_none(path, unreadable, verify)) is not None]
         found[name] = max(saved, key=lambda meta: str(meta.get("timestamp") or ""), default=None)
     return found
 
 
-def _metadata_or_none(path: pathlib.Path, unreadable: str) -> dict | None:
+def _metadata_or_none(path: pathlib.Path, unreadable: str, verify: str = "structure") -> dict | None:
     try:
-        return read_metadata(path)
+        metadata = read_metadata(path)
+        if verify == "full":
+            from ckptfn.io.verify import verify_checkpoint  # it reads metadata through this module
+
+            verify_checkpoint(path, level="full").raise_error()
+        return metadata
     except CheckpointNotFoundError:
         return None
     except CheckpointError as error:
@@ -242,7 +277,9 @@ def _metadata_or_none(path: pathlib.Path, unreadable: str) -> dict | None:
         return None
 
 
-def restore_from_directory(config: object, directory: str | os.PathLike, *, unreadable: str = "error") -> State:
+def restore_from_directory(
+    config: object, directory: str | os.PathLike, *, unreadable: str = "error", verify: str = "structure"
+) -> State:
     """Resume: a ``State`` whose bests are what the checkpoint files in ``directory`` record.
 
     The files are the truth, not any state saved elsewhere: after a crash between
@@ -250,7 +287,9 @@ def restore_from_directory(config: object, directory: str | os.PathLike, *, unre
     strategy whose file is missing or was saved for another metric or mode starts
     fresh. A file that exists but cannot be judged (unreadable, damaged, foreign,
     another ckptfn format) raises a ``CheckpointError`` naming it (see
-    ``saved_metadata`` for ``unreadable``).
+    ``saved_metadata`` for ``unreadable``). ``verify="full"`` also checks every record's
+    CRC32 of each best before trusting it (``ckptfn.verify_checkpoint``): a bit flip in
+    tensor data, which ``torch.load`` never notices, is then refused like any damage.
 
     >>> import tempfile, torch, ckptfn
     >>> config = [ckptfn.Strategy("val_loss"), ckptfn.Strategy("val_acc", mode="max")]
@@ -262,7 +301,7 @@ def restore_from_directory(config: object, directory: str | os.PathLike, *, unre
     ((Best(value=0.5, epoch=3), Best(value=None, epoch=None)), 4)
     """
     config = as_config(config)
-    found = saved_metadata(directory, (s.filename for s in config.strategies), unreadable=unreadable)
+    found = saved_metadata(directory, (s.filename for s in config.strategies), unreadable=unreadable, verify=verify)
     steps = max((_saved_steps(meta) for meta in found.values() if meta), default=0)
     return restore_from_saves(config, found, steps)
 

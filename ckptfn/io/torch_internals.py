@@ -19,6 +19,7 @@ __all__ = [
     "load_without_template",
     "sharded_tensor_types",
     "storage_key",
+    "typed_storage",
 ]
 
 
@@ -47,6 +48,14 @@ def disable_crc32() -> None:
 def storage_key(storage: object) -> int:
     """An identity of a tensor storage that tensors sharing it (views, tied weights) share."""
     return storage._cdata
+
+
+def typed_storage(untyped: object, dtype: object) -> object:
+    """A ``TypedStorage`` view of ``untyped`` as ``dtype``, as ``torch.save``'s own reduction makes
+    them (``_internal=True`` silences torch's deprecation warning for internal use)."""
+    import torch
+
+    return torch.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
 
 
 def layout_from_name(name: str) -> object:

@@ -11,11 +11,14 @@ through ``ckptfn.io.publish``.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import logging
 import os
 import pathlib
-from collections.abc import Callable, Mapping, Sequence
+import signal
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import attrs
 import torch
@@ -74,6 +77,28 @@ def serialization_context(checksums: bool = True) -> contextvars.Context:
     return context
 
 
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold back SIGINT while the block runs (main thread only), then deliver it as it came.
+
+    ``torch.save`` calls back into Python to write each chunk; a ``KeyboardInterrupt``
+    raised inside such a callback unwinds through torch's C++ writer and can abort the
+    whole process (a notebook kernel included). Deferred, it is raised when the block
+    ends, where the protocol's own cleanup handles it.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers only ever run on the main thread
+        return
+    pending: list[tuple[int, object]] = []
+    previous = signal.signal(signal.SIGINT, lambda number, frame: pending.append((number, frame)))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if pending and callable(previous):
+            previous(*pending[0])  # Python's default handler raises KeyboardInterrupt here
+
+
 def write_snapshot(
     directory: str | os.PathLike,
     targets: Sequence[Target],
@@ -107,7 +132,8 @@ def write_snapshot(
         path = publisher.new_temp(names[0])
         with publisher.fs.create(path) as file:
             try:
-                torch.save(checkpoint, file)
+                with interrupts_deferred():
+                    torch.save(checkpoint, file)
             except BaseException:
                 if file.error is not None:
                     raise file.error from None  # the real cause (e.g. ENOSPC), not torch's symptom
@@ -146,7 +172,17 @@ def commit_tree(
         publisher.fs.fsync_dir(tree)
         return tree
 
-    return publish(directory, targets, TREE, add_metadata, fs=fs, progress=progress)
+    try:
+        return publish(directory, targets, TREE, add_metadata, fs=fs, progress=progress)
+    except BaseException:
+        if os.path.lexists(temp):  # never adopted, or left holding a superseded tree: garbage either way
+            try:
+                fs.rmtree(pathlib.Path(temp))
+            except BaseException:  # noqa: BLE001 - already failing; a later sweep removes it
+                pass
+        raise
+    finally:
+        fs.release(pathlib.Path(temp))  # consumed, removed or left for a sweep: never held
 
 
 @attrs.frozen
@@ -220,13 +256,15 @@ def write(
         else:
             paths = commit_tree(directory, tree, snapshot.targets, snapshot.metadata, progress=progress, **seam)
     except BaseException as error:  # noqa: BLE001 - handed back; the shell raises it after committing
-        published = [target for target in snapshot.targets if target.filename in progress]
         kind = TREE if tree is not None else FILE
-        return Written(
-            tuple(directory / kind.final_name(t.filename) for t in published),
-            Outcome.failure(snapshot.filenames, [t.filename for t in published]),
-            error,
-        )
+        if isinstance(error, Exception):  # the protocol says exactly which names hold the new snapshot
+            published = tuple(getattr(error, "published", ()))
+            landed = {path.name for path in published}
+            names = [t.filename for t in snapshot.targets if kind.final_name(t.filename) in landed]
+        else:  # an interrupt: every name whose install began may have moved
+            names = [t.filename for t in snapshot.targets if t.filename in progress]
+            published = tuple(directory / kind.final_name(name) for name in names)
+        return Written(published, Outcome.failure(snapshot.filenames, names), error)
     for save in snapshot.saves:
         logger.info("%s", save_line(save))
     return Written(paths, Outcome.success(snapshot.filenames))

@@ -16,6 +16,12 @@ failed background write is raised, as ``CheckpointWriteError``, by the next
 ``submit``, ``wait`` or ``close``. Saves still pending when the interpreter exits
 normally are finished first (a failure then is logged on the ``ckptfn`` logger).
 
+``os.fork()`` copies only the calling thread. In the child, every executor
+forgets the parent's background thread and the save it may have in flight (the
+parent finishes and reports that save; the child neither waits for it nor writes
+it again), so the child exits normally and can save asynchronously itself, on a
+thread of its own. The parent is unaffected.
+
 ``checksums=False`` is the opt-in fast path: ``torch.save`` then skips the CRC32
 of every zip record, which ``torch.load`` never verifies. It is set in a copy of
 the caller's ``contextvars`` context for the duration of one write, so no other
@@ -68,6 +74,16 @@ def _finish_pending_saves() -> None:
             executor.close()
         except CheckpointWriteError as error:
             logger.error("a background checkpoint save failed before exit: %s", error)
+
+
+def _forget_the_parents_saves() -> None:
+    """After ``os.fork()``, in the child: the writer threads are the parent's, not ours."""
+    for executor in list(_LIVE):
+        executor._forget_the_parents_save()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_forget_the_parents_saves)
 
 
 class ClosesOnExit:
@@ -248,6 +264,15 @@ class AsyncExecutor(ClosesOnExit):
             self.buffers.clear()
             self._closed = True
             _LIVE.discard(self)
+
+    def _forget_the_parents_save(self) -> None:
+        """In a child after ``os.fork()``: drop the parent's thread pool, its save in flight and
+        the event its thread would set (their locks may have been held by a thread that is gone)."""
+        self._pool = None  # its worker thread exists only in the parent; start() makes a new one
+        self._future = None  # the parent's save: the parent completes it and raises its failure
+        self._released = threading.Event()
+        self._released.set()
+        _LIVE.discard(self)
 
     def _check_open(self) -> None:
         if self._closed:

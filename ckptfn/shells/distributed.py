@@ -8,6 +8,12 @@ nothing else on the common path. If you want the decision to use a global
 metric (mean over ranks), reduce it before calling ``update`` (e.g. torchmetrics,
 or ``torch.distributed.all_reduce``): ckptfn does not guess how to combine them.
 
+The ranks must be configured alike: when the manager is built, every rank sends
+its configuration to every other (one ``all_gather_object``, the only collective
+outside ``update``), and if any differs every rank raises the same
+``ConfigError``, naming the rank, the strategy, the field and both values, before
+anything is read or written.
+
 Nothing here runs in a single process: ``find_group`` returns None when no
 process group is initialized, and the manager then takes its original path.
 """
@@ -24,13 +30,23 @@ import attrs
 import torch
 
 from ckptfn.core.config import Config
+from ckptfn.core.errors import ConfigError
 from ckptfn.core.naming import dcp_name, temp_name
 from ckptfn.core.snapshot import Snapshot, partition
 from ckptfn.core.state import State
 from ckptfn.core.step import step
-from ckptfn.core.wire import decision_from_wire, decision_to_wire, failure_from_wire, failure_to_wire, is_failure
+from ckptfn.core.wire import (
+    config_difference,
+    config_to_wire,
+    decision_from_wire,
+    decision_to_wire,
+    failure_from_wire,
+    failure_to_wire,
+    is_failure,
+)
 from ckptfn.io import torch_internals
 from ckptfn.io.dcp import write_shards
+from ckptfn.io.fs import REAL
 from ckptfn.io.publish import sweep
 from ckptfn.io.read import restore_from_directory
 from ckptfn.io.write import write
@@ -77,6 +93,14 @@ class Ranks:
         dist.broadcast_object_list(box, group=self.group, group_src=0)
         return box[0]
 
+    def gather(self, message: object) -> list:
+        """Every rank's ``message``, in rank order, on every rank. Send plain data only."""
+        import torch.distributed as dist
+
+        everyone: list = [None] * self.size
+        dist.all_gather_object(everyone, message, group=self.group)
+        return everyone
+
     def barrier(self) -> None:
         import torch.distributed as dist
 
@@ -97,6 +121,9 @@ class _Solo:
 
     def share(self, message: object) -> object:
         return message
+
+    def gather(self, message: object) -> list:
+        return [message]
 
     def barrier(self) -> None:
         pass
@@ -138,7 +165,8 @@ def contains_sharded(payload: object) -> bool:
 
 def _fresh_tree_name(filename: str) -> str:
     """A hidden temporary tree name, owned by this process, for a sharded save of ``filename``."""
-    return temp_name(dcp_name(filename), os.getpid(), socket.gethostname(), secrets.token_hex(6))
+    token = secrets.token_hex(6)
+    return temp_name(dcp_name(filename), os.getpid(), socket.gethostname(), token, namespace=REAL.pid_namespace())
 
 
 @attrs.frozen
@@ -171,11 +199,35 @@ class Coordinator:
         self.config = config
         self.directory = pathlib.Path(directory)
         self.sharded = sharded
+        self._checked = False
+        self._problem: str | None = None  # how the ranks' configurations differ, once checked
 
     @property
     def is_coordinator(self) -> bool:
         """Whether this process is rank 0 of the group (the one that decides and writes)."""
         return self.ranks.is_coordinator
+
+    def check_config(self, **settings: object) -> None:
+        """Compare every rank's configuration (and ``settings``: the manager options that decide
+        which collectives a rank makes) with rank 0's: one collective, when the manager is built.
+        If any rank differs, every rank raises the same ``ConfigError``, naming the rank, the
+        strategy, the field and both values.
+
+        A coordinator built later (the process group appeared after the manager) checks
+        at its first call instead, without settings.
+        """
+        self._checked = True
+        self._problem = config_difference(self.ranks.gather(config_to_wire(self.config, **settings)))
+        if self._problem is not None:
+            raise ConfigError(self._problem)
+
+    def _check_once(self) -> None:
+        """Before the first coordinated call: the check, if not done yet; its error again if it failed
+        (every rank has the same, so no rank goes on into a collective the others skip)."""
+        if not self._checked:
+            self.check_config()
+        elif self._problem is not None:
+            raise ConfigError(self._problem)
 
     def _is_sharded(self, payload: object) -> bool:
         return self.sharded if self.sharded is not None else contains_sharded(payload)
@@ -224,6 +276,7 @@ class Coordinator:
         self, state: State, metrics: Mapping, payload: object, epoch: int | None, *, barrier: bool
     ) -> Coordinated:
         """``CheckpointManager.update`` across ranks: rank 0 decides for everyone (one broadcast)."""
+        self._check_once()
         new_state, actions, sharded, temp, snapshot = self._decide(state, metrics, payload, epoch)
         saves, _ = partition(actions)
         if not saves:
@@ -250,6 +303,7 @@ class Coordinator:
         """``CheckpointManager.save_checkpoint`` across ranks: rank 0 writes a replicated
         payload (the others return its path at once); a sharded one is written by all and
         every rank learns the outcome."""
+        self._check_once()
         ranks, (target,) = self.ranks, snapshot.targets
         if ranks.is_coordinator:
             sharded = self._is_sharded(state_dict)
@@ -274,12 +328,21 @@ class Coordinator:
             raise error
         return paths[0]
 
-    def restore(self) -> State:
-        """``resume=True`` across ranks: rank 0 tidies after dead writers and reads the
-        checkpoints; every rank gets its state (no other rank needs to see the files)."""
+    def restore(self, *, verify: str = "structure") -> State:
+        """Resuming across ranks: rank 0 tidies after dead writers and reads the checkpoints;
+        every rank gets its state (no other rank needs to see the files). Rank 0's refusal
+        (a file it cannot judge) is raised on every rank alike, never a hang."""
+        self._check_once()
         if self.ranks.is_coordinator:
-            sweep(self.directory)
-            state = restore_from_directory(self.config, self.directory)
+            try:
+                sweep(self.directory)
+                state = restore_from_directory(self.config, self.directory, verify=verify)
+            except Exception as error:
+                self.ranks.share(failure_to_wire(error))
+                raise
             self.ranks.share(decision_to_wire(state, ()))
             return state
-        return decision_from_wire(self.config, self.ranks.share(None))[0]
+        message = self.ranks.share(None)
+        if is_failure(message):
+            raise failure_from_wire(message)
+        return decision_from_wire(self.config, message)[0]

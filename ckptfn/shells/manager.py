@@ -54,6 +54,10 @@ class CheckpointManager(ClosesOnExit):
             explicit opt-in to replace an earlier run's checkpoints (it lists them).
             A file at a watched name that cannot be judged (unreadable, damaged,
             another format) is refused with a ``CheckpointError`` unless ``False``.
+        verify: how much of each best to check before trusting it when resuming:
+            ``"structure"`` (default: the zip structure and the metadata, cheap) or
+            ``"full"`` (also every record's CRC32 and a ``weights_only`` load, reading
+            every byte; a damaged best is refused, naming it and what failed).
         async_save: ``update`` returns once the payload is snapshotted (tensors
             copied into reused CPU staging buffers, the rest deep-copied) and one
             background thread writes it, one save at a time. ``wait()``,
@@ -91,6 +95,7 @@ class CheckpointManager(ClosesOnExit):
         checkpoint_configs: object = None,
         *,
         resume: bool | None = None,
+        verify: str = "structure",
         async_save: bool = False,
         checksums: bool = True,
         process_group: object = None,
@@ -113,11 +118,13 @@ class CheckpointManager(ClosesOnExit):
         self._process_group = process_group
         ranks = find_group(process_group)  # None in a single process: nothing below changes
         self._coordinator = None if ranks is None else Coordinator(ranks, self.config, self.output_dir, sharded)
+        if self._coordinator is not None:  # the same ConfigError on every rank if the ranks differ
+            self._coordinator.check_config(resume=resume is not False, async_save=async_save)
         if resume is not False:
             if self._coordinator is not None:
-                self.state = self._coordinator.restore()
+                self.state = self._coordinator.restore(verify=verify)
             else:
-                self.state = restore_from_directory(self.config, self.output_dir)
+                self.state = restore_from_directory(self.config, self.output_dir, verify=verify)
             found = any(best.epoch is not None for best in self._state.bests)
             if self.config.active and (resume or found):
                 loud = logger.warning if resume is None else logger.info

@@ -4,9 +4,10 @@
 
 The payload is a state dict of 16 float32 tensors of ``--mb`` MiB in total
 (256 by default). Row 4 writes a checkpoint of 4 x and one of 1/16 x that size
-(1 GiB and 16 MiB by default). Files go to a temporary directory under ``--dir``
-(default: the system's temporary directory; use a real disk, not a tmpfs), which
-is removed afterwards. The table goes to stdout, progress to stderr.
+(1 GiB and 16 MiB by default); row 8 verifies one of 4 x (1 GiB). Files go to a
+temporary directory under ``--dir`` (default: the system's temporary directory;
+use a real disk, not a tmpfs), which is removed afterwards. The table goes to
+stdout, progress to stderr.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import platform
 import random
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +35,7 @@ import torch
 
 import ckptfn
 from ckptfn import CheckpointManager, Save, Strategy, execute
+from ckptfn.io.verify import CRC32_IMPLEMENTATION, verify_checkpoint
 from ckptfn.shells.background import serialization_context
 from tests.benchmarks.measure import (
     Row,
@@ -50,7 +53,7 @@ from tests.benchmarks.plain import PlainTracker, plain_scan
 TENSORS = 16
 #: Repetitions of the tiny-payload pairs that measure a call's fixed cost (cheap, so many).
 TINY_REPEAT = 41
-IDS = ("1", "2", "3", "4", "5", "6", "7")
+IDS = ("1", "2", "3", "4", "5", "6", "7", "8")
 
 
 def log(message: str) -> None:
@@ -390,6 +393,24 @@ def bench_crc(args, payload, directory) -> list[Row]:
     ]
 
 
+def bench_verify(args, directory) -> list[Row]:
+    """A full verify reads every byte and hashes it: against reading the file alone, from the page cache."""
+    (path,) = execute(saves(1), make_payload(4 * args.mb, seed=4), directory / "verify")
+    size = path.stat().st_size
+    full = lambda: verify_checkpoint(path, level="full")  # noqa: E731
+    cat = lambda: subprocess.run(["cat", str(path)], stdout=subprocess.DEVNULL, check=True)  # noqa: E731
+    assert full().ok  # warm-up: both sides read from the page cache
+    cat()
+    pair = paired(full, cat, args.repeat)
+    peak = max(peak_rss_increase(full) for _ in range(3))
+    return [
+        Row("8a", f"`verify_checkpoint(level=\"full\")` of a {mib(size)} file / `cat` of it > /dev/null", pair.ratio,
+            "<= 1.3", pair.detail("verify", "cat", spread=True) + f"; CRC32 by {CRC32_IMPLEMENTATION}"),
+        Row("8b", "peak RSS increase during a full verify / file size", peak / size, "report",
+            f"worst of 3: {peak / 2**20:.2f} MiB for {mib(size)}"),
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mb", type=float, default=256.0, help="payload size in MiB (default 256)")
@@ -415,6 +436,7 @@ def main(argv: list[str] | None = None) -> int:
             ("5", lambda: bench_core(args)),
             ("6", lambda: bench_memory(args, payload, directory)),
             ("7", lambda: bench_crc(args, payload, directory)),
+            ("8", lambda: bench_verify(args, directory)),
         ]
         for group, bench in groups:
             if group in only:

@@ -178,7 +178,7 @@ def test_replay_plot_has_one_panel_per_metric_and_markers_at_saves(history_csv, 
     "files, message",
     [
         ({"h.csv": None, "c.yaml": CONFIG_YAML}, "h.csv: no such history file"),
-        ({"h.csv": "val_loss\n1.0\nabc\n", "c.yaml": CONFIG_YAML}, "h.csv: line 3, column 'val_loss': 'abc' is not a number"),
+        ({"h.csv": "val_loss\n1.0\nabc\n", "c.yaml": CONFIG_YAML}, "h.csv: line 3: column 'val_loss': 'abc' is not a number"),
         ({"h.csv": "val_loss,val_loss\n1,2\n", "c.yaml": CONFIG_YAML}, "column 'val_loss' appears twice"),
         ({"h.csv": "val_loss\n1\n", "c.yaml": "strategies:\n  - metric_name: val_los\n"},
          "strategies[0].metric_name: 'val_los' never appears in"),

@@ -214,3 +214,31 @@ def test_targets_without_keep_never_list_or_delete(tmp_path):
     write_snapshot(tmp_path, [Target("a.pt", False)], {}, {"format": "ckptfn/1", "epoch": 0, "saves": []}, fs=fs)
     assert "unlink" not in [op for op, _ in fs.ops]
     assert Target("a.pt", False, keep=2).keep == 2
+
+
+# --- the order of saves, whatever the wall clock does (issue 13) -------------------------------
+
+
+@given(st.lists(st.integers(0, 10**6), min_size=1, max_size=12), st.integers(1, 4))
+@settings(deadline=None, max_examples=40)
+def test_keep_retains_the_newest_saves_even_when_the_clock_steps_back(tmp_path_factory, seconds, keep):
+    """Archive names follow the order of saves: ``keep`` deletes the oldest saves, never a newer one."""
+    directory = tmp_path_factory.mktemp("clock")
+    strategy = Strategy("val_corr", mode="max", filename="best_corr.pt", overwrite=False, keep=keep)
+    state = ckptfn.init(strategy)
+    for epoch, second in enumerate(seconds):  # a clock that jumps back and forth
+        state, actions = ckptfn.step(state, {"val_corr": float(epoch)}, epoch)
+        ckptfn.execute(actions, {"epoch": epoch}, directory, state=state, now=clock(second))
+    kept = sorted(ckptfn.read_metadata(directory / name)["epoch"] for name in os.listdir(directory))
+    assert kept == list(range(len(seconds)))[-keep:]
+
+
+def test_the_reported_clock_step_keeps_the_two_newest_versions(tmp_path):
+    """keep=2, the clock stepped back before 0.7 was saved: 0.7 and 0.8 remain (the old code kept 0.6)."""
+    strategy = Strategy("val_corr", mode="max", filename="best_corr.pt", overwrite=False, keep=2)
+    state = ckptfn.init(strategy)
+    for epoch, (value, second) in enumerate([(0.6, 100), (0.7, 50), (0.8, 60)]):  # stepped back before 0.7
+        state, actions = ckptfn.step(state, {"val_corr": value}, epoch)
+        ckptfn.execute(actions, {}, tmp_path, state=state, now=clock(second))
+    values = sorted(ckptfn.read_metadata(tmp_path / n)["saves"][0]["value"] for n in os.listdir(tmp_path))
+    assert values == [0.7, 0.8]

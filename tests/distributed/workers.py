@@ -241,3 +241,76 @@ def torchrun_script(rank: int, world: int, script: str, cwd: str, port: int) -> 
     with contextlib.redirect_stdout(out):
         runpy.run_path(script, run_name="__main__")
     return out.getvalue()
+
+
+# --- ranks configured differently --------------------------------------------------------------
+
+#: Per case: (rank 0's and rank 1's checkpoint configuration, rank 0's and rank 1's other arguments,
+#: how the error every rank raises names the difference).
+MISCONFIGURED = {
+    "mode": (
+        ([{"metric_name": "val_loss", "filename": "best.pt"}], [{"metric_name": "val_loss", "mode": "max", "filename": "best.pt"}]),
+        ({}, {}),
+        "rank 1 has strategies[0].mode='max' where rank 0 has 'min' (best.pt)",
+    ),
+    "filename": (
+        ([{"metric_name": "val_loss"}], [{"metric_name": "val_loss", "filename": "other.pt"}]),
+        ({}, {}),
+        "rank 1 has strategies[0].filename='other.pt' where rank 0 has 'best_val_loss.pt' (best_val_loss.pt)",
+    ),
+    "number of strategies": (
+        (TWO, TWO[:1]),
+        ({}, {}),
+        "rank 1 has 1 strategies ['best_loss.pt'] where rank 0 has 2 ['best_loss.pt', 'best_corr.pt']",
+    ),
+    "Every period": (
+        ([{"every_n_epochs": 2}], [{"every_n_epochs": 3}]),
+        ({}, {}),
+        "rank 1 has strategies[0].n_epochs=3 where rank 0 has 2 (last.pt)",
+    ),
+    "resume": ((TWO, TWO), ({}, {"resume": False}), "rank 1 has resume=False where rank 0 has True"),
+    "async_save": ((TWO, TWO), ({}, {"async_save": True}), "rank 1 has async_save=True where rank 0 has False"),
+}
+
+
+def expected_refusal(case: str) -> tuple[str, str]:
+    """What every rank raises for ``MISCONFIGURED[case]``: the error type and its whole message."""
+    return (
+        "ConfigError",
+        f"the ranks are configured differently: {MISCONFIGURED[case][2]}; every rank must build its "
+        "CheckpointManager with the same checkpoint configuration",
+    )
+
+
+def configured_differently(rank: int, world: int, out: str, cases: list[str]) -> dict:
+    """Each case builds a manager whose configuration differs on rank 1; then one built alike on
+    every rank saves three epochs on the same process group (no collective was left misaligned)."""
+    import torch.distributed as dist
+
+    seen = {}
+    for case in cases:
+        configs, arguments, _ = MISCONFIGURED[case]
+        try:
+            CheckpointManager(pathlib.Path(out) / case, configs[rank], **arguments[rank])
+        except ckptfn.ConfigError as error:
+            seen[case] = ("ConfigError", str(error))
+        except Exception as error:  # noqa: BLE001 - reported to the test
+            seen[case] = (type(error).__name__, str(error))
+        else:
+            seen[case] = ("no error", "")
+    calls = {"all_gather_object": 0, "broadcast_object_list": 0}
+    for name in calls:
+        original = getattr(dist, name)
+
+        def counted(*args, _name=name, _original=original, **kwargs):
+            calls[_name] += 1
+            return _original(*args, **kwargs)
+
+        setattr(dist, name, counted)
+    manager = CheckpointManager(pathlib.Path(out) / "alike", TWO)
+    at_construction = dict(calls)
+    paths = [
+        [p.name for p in manager.update({"val_loss": loss, "val_corr": 0.1}, {"w": torch.full((2,), loss)}, epoch, barrier=True)]
+        for epoch, loss in enumerate([0.5, 0.4, 0.6])
+    ]
+    return {"seen": seen, "at_construction": at_construction, "after_updates": dict(calls), "paths": paths}

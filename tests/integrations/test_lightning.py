@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import signal
 import warnings
 
 import pytest
@@ -235,11 +236,63 @@ def test_resume_never_replaces_a_better_file_written_after_the_checkpoint(tmp_pa
     assert ckptfn.read_metadata(tmp_path / "best_loss.ckpt")["saves"][0]["value"] <= best_before.value
 
 
-def test_a_fresh_fit_into_a_directory_with_checkpoints_warns(tmp_path):
+def test_a_fresh_fit_into_a_directory_with_checkpoints_judges_against_them_and_says_so(tmp_path):
     train, val = loaders()
     trainer(1, [Checkpointing(STRATEGIES, dirpath=tmp_path)]).fit(make_model(), train, val)
-    with pytest.warns(UserWarning, match=r"already holds ckptfn checkpoints \(best_loss.ckpt, .*Pass fit\(ckpt_path=...\)"):
+    with pytest.warns(UserWarning, match=r"holds checkpoints of an earlier run \(best_loss.ckpt, .*resume=False"):
         trainer(1, [Checkpointing(STRATEGIES, dirpath=tmp_path)]).fit(make_model(), train, val)
+    with pytest.warns(UserWarning, match=r"already holds checkpoints \(best_loss.ckpt, .*resume=False, so bests start"):
+        trainer(1, [Checkpointing(STRATEGIES, dirpath=tmp_path, resume=False)]).fit(make_model(), train, val)
+
+
+def test_a_restart_that_finds_nothing_to_resume_never_destroys_the_better_best(tmp_path):
+    """The reported case: crash, then fit(ckpt_path="last") finds no last checkpoint and Lightning starts
+    over; a fresh callback used to replace best_loss.ckpt (0.4866 at epoch 8) with epoch 1's 0.6643."""
+    train, val = loaders()
+    trainer(6, [Checkpointing(STRATEGIES[:1], dirpath=tmp_path)]).fit(make_model(), train, val)
+    before = ckptfn.read_metadata(tmp_path / "best_loss.ckpt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Lightning: no "last" checkpoint to resume from
+        trainer(1, [Checkpointing(STRATEGIES[:1], dirpath=tmp_path)]).fit(make_model(lr=0.0), train, val, ckpt_path="last")
+    after = ckptfn.read_metadata(tmp_path / "best_loss.ckpt")
+    assert after["saves"][0]["value"] == before["saves"][0]["value"] and after["epoch"] == before["epoch"]
+
+
+def test_an_unreadable_file_at_a_watched_name_stops_fit_naming_it(tmp_path):
+    (tmp_path / "best_loss.ckpt").write_bytes(b"not a checkpoint")
+    train, val = loaders()
+    with pytest.raises(ckptfn.CheckpointError, match=r"best_loss.ckpt"):
+        trainer(1, [Checkpointing(STRATEGIES[:1], dirpath=tmp_path)]).fit(make_model(), train, val)
+    assert (tmp_path / "best_loss.ckpt").read_bytes() == b"not a checkpoint"
+
+
+def test_an_interrupted_fit_leaves_the_next_fit_believing_the_files(tmp_path, monkeypatch):
+    import ckptfn.io.publish
+
+    train, val = loaders()
+    callback = Checkpointing([Strategy("val_loss", filename="a.ckpt"), Strategy("val_mae", filename="b.ckpt")],
+                             dirpath=tmp_path)
+    trainer(1, [callback]).fit(make_model(), train, val)
+    real, calls = ckptfn.io.publish._FileKind.install, []
+
+    def interrupted(self, publisher, source, final):
+        calls.append(final.name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # a.ckpt already holds epoch 1's snapshot
+        return real(self, publisher, source, final)
+
+    monkeypatch.setattr(ckptfn.io.publish._FileKind, "install", interrupted)
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        with warnings.catch_warnings(), pytest.raises(SystemExit):  # Lightning's graceful shutdown
+            warnings.simplefilter("ignore")
+            trainer(2, [callback]).fit(make_model(), train, val)
+    finally:
+        signal.signal(signal.SIGINT, handler)  # Lightning leaves SIGINT ignored
+    monkeypatch.undo()
+    on_disk = ckptfn.restore_from_directory(callback.config, tmp_path)
+    trainer(2, [callback], max_steps=0).fit(make_model(), train, val)  # the next fit starts from the files
+    assert callback.state.bests == on_disk.bests
 
 
 # --- when decisions happen -----------------------------------------------------------------

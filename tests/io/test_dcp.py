@@ -252,8 +252,143 @@ def test_recover_removes_dead_writers_trees_and_restores_a_tree_moved_aside(tmp_
     temp = write_shards(tmp_path, new_temp_name("x.dcp"), payload(1.0))
     commit_tree(tmp_path, temp, [Target("x.pt")], {"format": "ckptfn/1", "epoch": 1})
     os.rename(tmp_path / "x.dcp", dead("x.dcp", "old"))  # killed inside the fallback's window
-    os.rename(write_shards(tmp_path, new_temp_name("y.dcp"), payload(2.0)), dead("y.dcp"))  # killed while writing
+    killed = write_shards(tmp_path, new_temp_name("y.dcp"), payload(2.0))
+    FileSystem().release(killed)  # a killed writer's lock on its tree dies with it
+    os.rename(killed, dead("y.dcp"))  # killed while writing
     alive = write_shards(tmp_path, new_temp_name("z.dcp"), payload(3.0))  # this process's: left alone
     recover(tmp_path)
     assert sorted(os.listdir(tmp_path)) == sorted([alive.name, "x.dcp"])
     assert read_sharded_metadata(tmp_path / "x.dcp")["epoch"] == 1
+
+
+# --- hostile trees: documented errors, quickly, never another run's files ---------------------------
+
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import warnings  # noqa: E402
+
+from ckptfn.io import dcp as dcp_module  # noqa: E402
+from tests.reliability import hostile  # noqa: E402
+from tests.reliability.common import in_child  # noqa: E402
+
+#: What each hostile variant's refusal says (read_metadata for the first group, every loader for all).
+REFUSALS = {
+    "FIFO at ckptfn.json": "ckptfn.json: not a regular file",
+    "FIFO at a shard file": "__0_0.distcp: not a regular file",
+    "FIFO at .metadata": "not a complete torch.distributed.checkpoint directory",
+    "ckptfn.json a symlink to /dev/zero": "ckptfn.json: is a symlink",
+    "a shard a symlink to /dev/zero": "__0_0.distcp: is a symlink",
+    "a shard a symlink to another run's shard": "__0_0.distcp: is a symlink",
+    ".metadata names a shard outside the tree (../)": "is not the name of a file inside the tree",
+    ".metadata names a shard by absolute path": "is not the name of a file inside the tree",
+    ".metadata reads past a shard's end": "lie outside",
+    ".metadata asks for a decompressing extension": "is stored through DCP extensions ['stream.zstd/1']",
+    ".metadata declares a 2**40-element tensor": "a tensor of 1099511627776 elements in chunks of 4",
+    ".metadata puts a value at list index 10**9": "key 1000000000 (a list index must be below 2)",
+    ".metadata names torch._inductor": "torch._inductor is not allowed",
+    ".metadata names a DCP planner dataclass": "torch.distributed.checkpoint.planner.SavePlan is not allowed",
+    ".metadata points a value at a pickle of bytearray(3 GiB)": "refused: builtins.bytearray(int 3221225472)",
+    "ckptfn.json nested 100,000 deep": "ckptfn.json: cannot be read (nested too deeply)",
+    "ckptfn.json of 17 MiB": "more than the 16777216 it may hold",
+}
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory):
+    return hostile.tree_template(tmp_path_factory.mktemp("trees"))
+
+
+def _refusal(reader: str, tree: str) -> list:
+    import logging
+    import time
+
+    logging.getLogger().setLevel(logging.CRITICAL)  # DCP logs each refusal to the root logger
+    warnings.simplefilter("ignore")
+    started = time.monotonic()
+    try:
+        if reader == "read_metadata":
+            ckptfn.read_metadata(tree)
+        elif reader == "load_checkpoint":
+            ckptfn.load_checkpoint(tree)
+        else:
+            ckptfn.load_sharded(tree, {"w": torch.zeros(4), "n": 0})
+    except CheckpointError as error:
+        return ["CheckpointError", str(error), time.monotonic() - started]
+    except BaseException as error:  # noqa: BLE001 - reported
+        return [type(error).__name__, str(error), time.monotonic() - started]
+    return ["accepted", "", time.monotonic() - started]
+
+
+@pytest.mark.parametrize("variant", sorted(REFUSALS))
+def test_a_hostile_tree_is_refused_by_every_loader_quickly_naming_what_is_wrong(tmp_path, template, variant):
+    # before: FIFOs hung resume, inspect and load; /dev/zero gave MemoryError; a symlinked shard or a
+    # relative_path outside the tree loaded another run's tensors; list index 10**9 hung the load
+    assert set(REFUSALS) == set(hostile.TREE_VARIANTS)
+    shutil.copytree(template, tmp_path, dirs_exist_ok=True)
+    tree, other = tmp_path / "run" / "best.dcp", tmp_path / "other" / "best.dcp"
+    hostile.TREE_VARIANTS[variant](tree, other)
+    readers = ("load_checkpoint", "load_sharded") if variant.startswith(".metadata") else (
+        "read_metadata", "load_checkpoint", "load_sharded")
+    for reader in readers:
+        outcome, value = in_child(_refusal, reader, str(tree), timeout=30)
+        assert outcome == "ok", (reader, outcome, value)
+        kind, message, seconds = value
+        assert kind == "CheckpointError" and str(tree) in message and REFUSALS[variant] in message, (reader, message)
+        assert seconds < 5
+
+
+def test_read_metadata_does_not_see_what_only_dcp_metadata_holds(tmp_path, template):
+    # ckptfn.json and the tree's entries are sound: read_metadata (torch-free) accepts; every load refuses
+    shutil.copytree(template, tmp_path, dirs_exist_ok=True)
+    tree = tmp_path / "run" / "best.dcp"
+    hostile.TREE_VARIANTS[".metadata names a shard by absolute path"](tree, tmp_path / "other" / "best.dcp")
+    assert ckptfn.read_metadata(tree)["epoch"] == 0
+
+
+def test_the_metadata_allow_list_is_exactly_what_dcp_writes(tmp_path):
+    """Every global real DCP saves name is allowed; every DCP class allowed is one they name."""
+    import torch.distributed.checkpoint as dcp
+
+    seen = set()
+
+    def recording(module, name):
+        seen.add((module, name))
+        return dcp_module._resolve_metadata_global(module, name)
+
+    payloads = [
+        {"w": torch.zeros(3)},
+        {"model": {"w": torch.randn(3, 4), "b": torch.arange(4.0)}, "epoch": 3, "note": "x", "lst": [1, 2.5], "b": b"ab"},
+        {name: torch.zeros(2, dtype=dtype) for name, dtype in
+         [("i", torch.int64), ("bf", torch.bfloat16), ("bool", torch.bool), ("c", torch.complex64),
+          ("f8", torch.float8_e4m3fn), ("u16", torch.uint16), ("h", torch.float16)]},
+        {"t": torch.randn(4, 4).t(), "cl": torch.randn(1, 3, 4, 4).to(memory_format=torch.channels_last),
+         "scalar": torch.tensor(1.0), "empty": torch.zeros(0), "p": torch.nn.Parameter(torch.ones(2))},
+        {"opt": torch.optim.Adam(torch.nn.Linear(2, 2).parameters()).state_dict()},
+    ]
+    for index, state in enumerate(payloads):
+        with pytest.warns(UserWarning, match="single process"):
+            dcp.save(state, checkpoint_id=tmp_path / f"t{index}")
+        with open(tmp_path / f"t{index}" / ".metadata", "rb") as file:
+            dcp_module.unpickle.load(file, recording)
+    dcp_classes = {pair for pair in seen if pair[0].startswith("torch.distributed")}
+    assert dcp_classes == set(dcp_module._DCP_CLASSES)
+    assert ("torch.distributed.checkpoint.metadata", "_MEM_FORMAT_ENCODING") in dcp_classes
+    assert all(dcp_module._resolve_metadata_global(*pair) is not None for pair in seen)
+    for refused in [("torch.distributed.checkpoint.planner", "LoadItemType"), ("torch.distributed.checkpoint.planner", "SavePlan"),
+                    ("torch", "_inductor"), ("torch", "load"), ("torch.distributed.checkpoint.metadata", "__builtins__"),
+                    ("builtins", "set"), ("os", "system")]:
+        assert dcp_module._resolve_metadata_global(*refused) is None, refused
+
+
+def test_refusing_a_name_imports_nothing():
+    # the allow-list looked names up with getattr on torch, which imported torch._inductor (2.8 s)
+    code = (
+        "import sys, torch\n"
+        "from ckptfn.io.dcp import _resolve_metadata_global\n"
+        "assert _resolve_metadata_global('torch', '_inductor') is None\n"
+        "assert _resolve_metadata_global('torch', 'float32') is torch.float32\n"
+        "assert 'torch._inductor' not in sys.modules, 'a refused name was imported'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr

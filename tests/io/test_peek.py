@@ -17,7 +17,6 @@ from hypothesis import strategies as st
 import ckptfn
 from ckptfn.core.metadata import RESERVED_KEYS
 from ckptfn.io.peek import ALLOWED_GLOBALS, peek_metadata
-from ckptfn.io.read import _torch_load
 from tests.faults import RunsACommand
 
 
@@ -75,14 +74,14 @@ def test_peek_reads_exactly_what_torch_reads(tmp_path_factory, payload, value, e
     for name in ("a.pt", "b.pt"):
         peeked = peek_metadata(directory / name)
         assert peeked is not None
-        assert peeked == _torch_load(directory / name, map_location="cpu", mmap=True)["metadata"]
+        assert peeked == torch.load(directory / name, weights_only=True)["metadata"]
 
 
 def test_a_module_state_dict_with_its_version_metadata(tmp_path):
     model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.BatchNorm1d(3))
     state, actions = ckptfn.step(ckptfn.init(ckptfn.Strategy("m")), {"m": 1.0})
     (path,) = ckptfn.execute(actions, {"model": model.state_dict()}, tmp_path, state=state)
-    assert peek_metadata(path) == _torch_load(path, mmap=True)["metadata"]
+    assert peek_metadata(path) == torch.load(path, weights_only=True)["metadata"]
 
 
 class Allowed:
@@ -123,12 +122,14 @@ def test_a_hostile_pickle_is_never_run_by_the_peek_reader(tmp_path, evil):
     assert not marker.exists()
 
 
-def test_archives_without_exactly_one_data_pickle_give_up(tmp_path):
+def test_archives_without_exactly_one_data_pickle_are_refused(tmp_path):
     path = tmp_path / "two.pt"
     with zipfile.ZipFile(path, "w") as archive:
         archive.writestr("a/data.pkl", pickle.dumps({"metadata": {}}, protocol=2))
+        archive.writestr("a/version", "3\n")
         archive.writestr("b/data.pkl", pickle.dumps({"metadata": {}}, protocol=2))
-    assert peek_metadata(path) is None
+    with pytest.raises(ckptfn.CheckpointError, match="'b/data.pkl' is not inside 'a/'"):
+        peek_metadata(path)
 
 
 def test_import_and_inspect_need_no_torch(tmp_path):
@@ -147,3 +148,81 @@ def test_import_and_inspect_need_no_torch(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "best.pt" in result.stdout
+
+
+# --- the scan: what torch would do on a pickle's say-so is refused, plain data passes ----------------
+
+from ckptfn.io.peek import scan  # noqa: E402
+from tests.reliability import hostile  # noqa: E402
+
+
+@pytest.mark.parametrize("protocol", [0, 3, 4, 5])
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_pickles_with_opcodes_torch_does_not_read_are_refused(protocol):
+    data = pickle.dumps({"state_dict": {}, "metadata": {"format": "ckptfn/1", "b": b"x"}}, protocol=protocol)
+    with pytest.raises(ckptfn.CheckpointError, match="is not one torch's weights_only loader reads"):
+        scan(data, "best.pt: data.pkl")
+    with pytest.raises(Exception):  # torch refuses them too: the scan keeps read_metadata and load_checkpoint agreed
+        torch.load(io.BytesIO(hostile.with_pickle(data)), weights_only=True)
+
+
+@pytest.mark.parametrize(
+    "raw, refused",
+    [
+        (b"c__builtin__\nbytearray\nX\x02\x00\x00\x00abX\x07\x00\x00\x00latin-1\x86R", None),
+        (b"c__builtin__\nbytearray\n)R", None),
+        (hostile.bytearray_call(3 << 30), r"builtins\.bytearray\(int 3221225472\)"),
+        (b"c_codecs\nencode\nX\x02\x00\x00\x00abX\x05\x00\x00\x00rot13\x86R", r"_codecs\.encode\(str 'ab', str 'rot13'\)"),
+        (b"c__builtin__\ncomplex\nX\x04\x00\x00\x001+2j\x85R", r"builtins\.complex\(str '1\+2j'\)"),
+        (b"c__builtin__\nset\nJ\x00\x00\x00\x40\x85R", r"builtins\.set\(int 1073741824\)"),
+        (b"ctorch\nFloatTensor\n" + hostile.long1(2**31) + b"\x85R", r"torch\.FloatTensor\(int 2147483648\)"),
+        (hostile.declared(b"\x8e", 3 << 30), r"opcode b'\\x8e' at offset \d+ is not one"),
+        (b"X\xff\xff\xff\x7fabc", "the pickle has no STOP opcode"),
+    ],
+    ids=["bytearray(bytes)", "bytearray()", "bytearray(3 GiB)", "encode rot13", "complex(str)", "set(int)",
+         "FloatTensor(2**31)", "BINBYTES8 3 GiB", "BINUNICODE past the end"],
+)
+def test_plain_constructors_only_in_the_forms_pickle_writes(raw, refused):
+    data = hostile.in_metadata(raw)
+    if refused is None:
+        assert scan(data, "x").loaded["metadata"]["x"] in (bytearray(b"ab"), bytearray())
+    else:
+        with pytest.raises(ckptfn.CheckpointError, match="refused: " + refused):
+            scan(data, "best.pt: data.pkl")
+
+
+def test_the_placeholders_check_tensors_against_their_records(tmp_path):
+    path = tmp_path / "best.pt"
+    for variant, message in [
+        ("a storage claiming 2**31 elements of a 64-byte record", "claims 2147483648 elements of 4 bytes; its record holds 64 bytes"),
+        ("a tensor reaching past its storage", r"size \(16,\) at offset 10 needs 26 elements; its storage has 16"),
+        ("a quantized tensor of 2**31 elements on a 64-byte storage", "a quantized tensor: size"),
+    ]:
+        path.write_bytes(hostile.allocation_variants()[variant])
+        with pytest.raises(ckptfn.CheckpointError, match=message):
+            peek_metadata(path)
+        with pytest.raises(ckptfn.CheckpointError, match=message):
+            ckptfn.load_checkpoint(path)  # refused before torch allocates (2**31 elements for the quantized one)
+
+
+def test_a_foreign_global_does_not_stop_the_scan(tmp_path):
+    # before, the reader gave up at the first unknown global and torch's loader ran the rest (bytearray(N))
+    raw = b"ctests.io.test_peek\nAllowed\n)R" + hostile.bytearray_call(1 << 30) + b"\x86"
+    with pytest.raises(ckptfn.CheckpointError, match="bytearray"):
+        scan(hostile.in_metadata(raw), "x")
+    scanned = scan(hostile.in_metadata(b"ctests.io.test_peek\nAllowed\n)R"), "x")
+    assert scanned.foreign == ["tests.io.test_peek.Allowed"]
+
+
+def test_the_scan_is_linear_and_small_on_a_big_real_pickle():
+    import time
+
+    state = {f"layer{i}.weight": torch.zeros(2) for i in range(3000)}
+    buffer = io.BytesIO()
+    torch.save({"state_dict": state, "metadata": {"format": "ckptfn/1"}}, buffer)
+    archive = zipfile.ZipFile(io.BytesIO(buffer.getvalue()))
+    data = archive.read([n for n in archive.namelist() if n.endswith("data.pkl")][0])
+    records = {n.rsplit("/", 1)[1]: archive.getinfo(n).file_size for n in archive.namelist() if "/data/" in n}
+    started = time.perf_counter()
+    scanned = scan(data, "x", records)
+    assert time.perf_counter() - started < 1.0 and not scanned.foreign and len(scanned.loaded["state_dict"]) == 3000

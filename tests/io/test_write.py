@@ -21,6 +21,7 @@ from ckptfn.kit import Target
 from tests.faults import snapshot_of
 from ckptfn.core.naming import parse_temp_name, temp_name
 
+from ckptfn.kit import FileSystem, plan
 from tests.faults import FailingFS, NoLinksFS, RecordingFS
 
 UTC = dt.timezone.utc
@@ -239,8 +240,30 @@ def test_archive_name_clash_gets_a_counter(tmp_path):
     (tmp_path / "best_corr_20261129T131500123456Z.pt").write_bytes(b"someone else's file")
     run_epochs(strategy, [{"val_corr": 0.1}, {"val_corr": 0.2}], tmp_path)
     assert (tmp_path / "best_corr_20261129T131500123456Z.pt").read_bytes() == b"someone else's file"
-    assert ckptfn.read_metadata(tmp_path / "best_corr_20261129T131500123456Z-1.pt")["epoch"] == 0
+    # archived names follow the order of saves: the version archived now sorts after every earlier one
+    assert ckptfn.read_metadata(tmp_path / "best_corr_20261129T131500123457Z.pt")["epoch"] == 0
     assert ckptfn.read_metadata(tmp_path / "best_corr.pt")["epoch"] == 1
+
+
+def test_a_name_taken_meanwhile_gets_a_counter(tmp_path):
+    class TakenOnce(FileSystem):  # the real seam, with one archive name taken by a racing writer
+        taken = False
+
+        def link(self, source, target):
+            if not self.taken and "_2026" in target.name:
+                self.taken = True
+                target.write_bytes(b"a racing writer's file")
+                raise FileExistsError(target)
+            return super().link(source, target)
+
+    strategy = Strategy("val_corr", mode="max", filename="best_corr.pt", overwrite=False)
+    state, actions = step(init(strategy), {"val_corr": 0.1})
+    execute(actions, {}, tmp_path, state=state, now=clock(0))
+    state, actions = step(state, {"val_corr": 0.2})
+    snapshot = plan(actions, state=state, now=clock(1))
+    write_snapshot(tmp_path, snapshot.targets, {}, snapshot.metadata, fs=TakenOnce())
+    assert (tmp_path / "best_corr_20261129T131500123456Z.pt").read_bytes() == b"a racing writer's file"
+    assert ckptfn.read_metadata(tmp_path / "best_corr_20261129T131500123456Z-1.pt")["epoch"] == 0
 
 
 def test_a_foreign_file_at_an_archive_policy_name_is_archived_by_mtime(tmp_path):

@@ -23,7 +23,9 @@ import json
 import math
 import os
 import pathlib
+import pickle
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -498,6 +500,252 @@ def _failing_case(work: pathlib.Path, *, keep: bool) -> str:
     return described
 
 
+# --- every reader over fuzzed pickles and zip structures, in children with limits ---------------
+
+PICKLES = "fuzzed pickles (read_metadata, load_checkpoint, peek_metadata)"
+ZIPS = "fuzzed zip structures (read_metadata, load_checkpoint, peek_metadata)"
+#: What one input may cost a child (all three readers): seconds, memory beyond what the child started with.
+FUZZ_SECONDS, FUZZ_MEMORY = 5.0, 1 << 30
+FUZZ_BATCH = 40  # inputs per child
+FUZZ_SLACK = 30.0  # seconds a child may take beyond FUZZ_SECONDS per input (its start, the first torch.load)
+
+
+def _vm_size() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _read_all(path: pathlib.Path) -> tuple[dict, list]:
+    """(In a child.) Each reader over ``path``: its outcome, and the problems it shows."""
+    from ckptfn.io.peek import peek_metadata
+
+    outcome, problems = {}, []
+    for name, read in (("read_metadata", ckptfn.read_metadata), ("load_checkpoint", ckptfn.load_checkpoint),
+                       ("peek_metadata", peek_metadata)):
+        try:
+            value = read(path)
+            outcome[name] = "loaded" if value is not None else "torch decides"
+            if name == "read_metadata":
+                outcome["metadata"] = value
+        except CheckpointError as error:
+            outcome[name] = "refused"
+            if str(path) not in str(error):
+                problems.append(("unexpected", f"{name}: the error does not name the file: {str(error)[:200]}"))
+            if "can't allocate" in str(error) or "MemoryError" in str(error):
+                problems.append(("unexpected", f"{name} tried to allocate past the limit: {str(error)[:200]}"))
+        except Exception as error:  # noqa: BLE001 - the point: only CheckpointError may escape
+            outcome[name] = "unexpected"
+            problems.append(("unexpected", f"{name}: {type(error).__name__}: {str(error)[:200]}"))
+    if outcome["read_metadata"] == "loaded" and outcome["load_checkpoint"] != "loaded":
+        problems.append(("corruption", "read_metadata accepts a file load_checkpoint refuses (resume would trust it)"))
+    if outcome["peek_metadata"] == "loaded" and outcome["read_metadata"] != "loaded":
+        problems.append(("unexpected", "peek_metadata accepts a file read_metadata refuses"))
+    outcome.pop("metadata", None)
+    return outcome, problems
+
+
+def _fuzz_batch(inputs: list[bytes], scratch: str, progress: str) -> list:
+    """(In a forked child.) Every reader over every input, under an address-space limit of
+    FUZZ_MEMORY beyond the child's own, each input within FUZZ_SECONDS."""
+    import logging
+    import resource
+
+    logging.getLogger().setLevel(logging.CRITICAL)
+    warnings.simplefilter("ignore")
+    limit = _vm_size() + FUZZ_MEMORY
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    path = pathlib.Path(scratch) / "best.pt"
+    results = []
+    for index, data in enumerate(inputs):
+        pathlib.Path(progress).write_text(str(index))
+        path.write_bytes(data)
+        started = time.monotonic()
+        outcome, problems = _read_all(path)
+        took = time.monotonic() - started
+        if took > FUZZ_SECONDS:
+            problems.append(("unexpected", f"the readers took {took:.1f} s"))
+        results.append([outcome, problems])
+    return results
+
+
+def _run_batches(tally: Tally, kind: str, inputs: list[bytes], *, keep: bool = True) -> Counter:
+    """Run ``inputs`` in batches of FUZZ_BATCH, each in a forked child with limits; count outcomes.
+    With ``keep``, an input that shows a problem is kept in the temporary directory to reproduce it."""
+    from tests.reliability.common import in_child
+
+    def kept(data: bytes) -> str:
+        if not keep:
+            return ""
+        path = pathlib.Path(tempfile.gettempdir()) / f"ckptfn-fuzz-case-{time.time_ns()}.pt"
+        path.write_bytes(data)
+        return f" (kept at {path})"
+
+    outcomes: Counter = Counter()
+    with tempfile.TemporaryDirectory(prefix="ckptfn-fuzz-readers-", dir=_ram()) as work:
+        progress = pathlib.Path(work) / "progress"
+        for start in range(0, len(inputs), FUZZ_BATCH):
+            batch = inputs[start : start + FUZZ_BATCH]
+            tally.tried(SECTION, kind, len(batch))
+            status, value = in_child(_fuzz_batch, batch, work, str(progress), timeout=FUZZ_SECONDS * len(batch) + FUZZ_SLACK)
+            if status != "ok":
+                at = int(progress.read_text()) if progress.exists() else 0
+                tally.problem(SECTION, kind, "unexpected", f"the child: {status} {value} on input {start + at}{kept(batch[at])}")
+                continue
+            for index, (outcome, problems) in enumerate(value):
+                outcomes[(outcome["read_metadata"], outcome["load_checkpoint"])] += 1
+                for category, message in problems:
+                    tally.problem(SECTION, kind, category, f"input {start + index}: {message}{kept(batch[index])}")
+    return outcomes
+
+
+def _collect(strategy, examples: int, seed: int) -> list[bytes]:
+    """``examples`` inputs drawn from ``strategy`` (hypothesis, seeded: the same inputs every run)."""
+    import hypothesis
+
+    drawn: list[bytes] = []
+
+    def keep(data):
+        drawn.append(data)
+
+    hypothesis.seed(seed)(_settings(examples)(given(strategy)(keep)))()
+    return drawn
+
+
+# pickles -------------------------------------------------------------------------------------------
+
+_LEAVES = st.one_of(scalars, st.binary(max_size=24), st.complex_numbers(allow_nan=False, max_magnitude=1e6),
+                    st.sampled_from([b"", bytearray(b"ab"), (), frozenset(), 10**30, -(2**70)]))
+plain_values = st.recursive(
+    _LEAVES,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4)
+    | st.lists(inner, max_size=3).map(tuple) | st.sets(st.integers() | st.text(max_size=4), max_size=3),
+    max_leaves=20,
+)
+
+
+def _snippets():
+    """Raw opcodes that push one object a reader must survive: huge calls, declared lengths, deep
+    nesting, foreign globals (from ``tests.reliability.hostile``)."""
+    from tests.reliability import hostile
+
+    sizes = st.sampled_from([0, 1, 255, 2**31 - 1, 2**31, 3 << 30, 2**62, 2**63 + 1])
+    names = st.sampled_from(["builtins bytearray", "builtins set", "builtins complex", "_codecs encode",
+                             "collections OrderedDict", "torch FloatTensor", "torch Tensor", "torch Size",
+                             "torch._utils _rebuild_tensor_v2", "torch._utils _rebuild_qtensor", "os system",
+                             "builtins eval", "torch _inductor", "builtins getattr", "collections Counter"])
+    return st.one_of(
+        sizes.map(hostile.bytearray_call),
+        st.tuples(st.sampled_from([b"\x8e", b"\x96", b"\x8d"]), sizes).map(lambda a: hostile.declared(*a)),
+        st.integers(1, 3000).map(hostile.deep_lists),
+        st.integers(1, 3000).map(hostile.deep_dicts),
+        st.tuples(names, sizes).map(lambda a: b"c" + a[0].replace(" ", "\n").encode() + b"\n" + hostile.long1(a[1]) + b"\x85R"),
+        st.tuples(names, st.binary(max_size=12)).map(lambda a: b"c" + a[0].replace(" ", "\n").encode() + b"\nX"
+                                                     + len(a[1]).to_bytes(4, "little") + a[1] + b"\x85R"),
+        st.integers(1, 5000).map(lambda n: b"](" + b"N" * n + b"e"),
+    )
+
+
+@st.composite
+def fuzzed_pickles(draw, base_pickle: bytes, boundaries: list[int]) -> bytes:
+    """A data.pkl: plain metadata pickled with any protocol, a hostile snippet as a metadata value or
+    inserted at an opcode boundary of a real data.pkl, or a real data.pkl with bytes flipped, cut,
+    deleted or repeated."""
+    from tests.reliability import hostile
+
+    how = draw(st.sampled_from(["plain", "snippet", "inserted", "flipped", "cut", "spliced"]))
+    if how == "plain":
+        record = {"state_dict": draw(plain_values), "metadata": {"format": "ckptfn/1", "epoch": 0, "saves": [],
+                                                                 "x": draw(plain_values)}}
+        return pickle.dumps(record, protocol=draw(st.integers(0, 5)))
+    if how == "snippet":
+        return hostile.in_metadata(draw(_snippets()))
+    data = bytearray(base_pickle)
+    if how == "inserted":
+        at = draw(st.sampled_from(boundaries))
+        return bytes(data[:at] + draw(_snippets()) + data[at:])
+    if how == "flipped":
+        for _ in range(draw(st.integers(1, 8))):
+            data[draw(st.integers(0, len(data) - 1))] ^= 1 << draw(st.integers(0, 7))
+        return bytes(data)
+    if how == "cut":
+        return bytes(data[: draw(st.integers(0, len(data) - 1))])
+    start = draw(st.integers(0, len(data) - 1))
+    end = draw(st.integers(start, min(len(data), start + 64)))
+    return bytes(data[:start] + data[start:end] * draw(st.integers(0, 3)) + data[end:])
+
+
+def fuzz_pickles(tally: Tally, examples: int, *, seed: int = 0) -> Counter:
+    """``examples`` fuzzed data.pkl members in a genuine checkpoint, through every reader in children
+    with limits (``_fuzz_batch``). Returns how often each (read_metadata, load_checkpoint) outcome came."""
+    import pickletools
+
+    from tests.reliability.hostile import replace_member
+
+    base = base_checkpoint()
+    archive = zipfile.ZipFile(io.BytesIO(base))
+    (name,) = [n for n in archive.namelist() if n.endswith("data.pkl")]
+    base_pickle = archive.read(name)
+    boundaries = [position for _, _, position in pickletools.genops(base_pickle)]
+    pickles = _collect(fuzzed_pickles(base_pickle, boundaries), examples, seed)
+    inputs = [replace_member(base, "data.pkl", data) for data in pickles]
+    return _run_batches(tally, PICKLES, inputs)
+
+
+# zip structures -------------------------------------------------------------------------------------
+
+
+def header_ranges(data: bytes) -> list[tuple[int, int]]:
+    """Byte ranges of every zip header of ``data``: local headers (with names and extras), data
+    descriptors, central directory entries, the zip64 records and the end record."""
+    ranges = []
+    archive = zipfile.ZipFile(io.BytesIO(data))
+    for info in archive.infolist():
+        name_size, extra_size = struct.unpack_from("<HH", data, info.header_offset + 26)
+        start = info.header_offset + 30 + name_size + extra_size
+        ranges.append((info.header_offset, start))
+        if info.flag_bits & 0x8:
+            ranges.append((start + info.file_size, start + info.file_size + 16))
+    ranges.append((archive.start_dir, len(data)))
+    return ranges
+
+
+@st.composite
+def fuzzed_zips(draw, base: bytes, ranges: list[tuple[int, int]]) -> bytes:
+    """``base`` with bytes flipped or overwritten inside its headers, or cut at a header, or with two
+    headers' fields swapped."""
+    data = bytearray(base)
+    how = draw(st.sampled_from(["flip", "flip", "overwrite", "cut", "field"]))
+    start, end = draw(st.sampled_from(ranges))
+    if how == "flip":
+        for _ in range(draw(st.integers(1, 4))):
+            at = draw(st.integers(start, end - 1))
+            data[at] ^= draw(st.sampled_from([1, 2, 4, 8, 16, 32, 64, 128, 255]))
+    elif how == "overwrite":
+        at = draw(st.integers(start, end - 1))
+        chunk = draw(st.sampled_from([b"\0\0\0\0", b"\xff\xff\xff\xff", b"PK\x03\x04", b"PK\x01\x02", b"\x08\x08"])
+                     | st.binary(min_size=1, max_size=8))
+        data[at : at + len(chunk)] = chunk
+    elif how == "cut":
+        del data[draw(st.integers(start, end)) :]
+    else:  # a 2- or 4-byte field set to another header's value: offsets, sizes, lengths
+        width = draw(st.sampled_from([2, 4]))
+        at = draw(st.integers(start, max(start, end - width)))
+        value = draw(st.sampled_from([0, 1, 0xFFFF, 0xFFFFFFFF, len(base), len(base) // 2])
+                     | st.integers(0, 2**(8 * width) - 1))
+        data[at : at + width] = (value % 2**(8 * width)).to_bytes(width, "little")
+    return bytes(data)
+
+
+def fuzz_zips(tally: Tally, examples: int, *, seed: int = 0) -> Counter:
+    """``examples`` mutations of a genuine checkpoint's zip headers through every reader in children
+    with limits; read_metadata must accept a file only if load_checkpoint loads it."""
+    base = base_checkpoint()
+    return _run_batches(tally, ZIPS, _collect(fuzzed_zips(base, header_ranges(base)), examples, seed))
+
+
 def run(examples: int = 1000, mutation_examples: int = 3000) -> Tally:
     tally = Tally()
     fuzz_configs(tally, examples)
@@ -505,6 +753,8 @@ def run(examples: int = 1000, mutation_examples: int = 3000) -> Tally:
     fuzz_metrics(tally, examples)
     fuzz_filenames(tally, max(50, examples // 4))
     fuzz_mutations(tally, mutation_examples)
+    fuzz_pickles(tally, examples)
+    fuzz_zips(tally, examples)
     return tally
 
 

@@ -219,14 +219,10 @@ class Session:
 
 def _wait_for_temp(directory: pathlib.Path, pid: int, process, timeout: float) -> bool:
     """Poll until ``pid``'s temporary file appears (True) or the child dies / time runs out."""
-    prefix = f".ckptfn.{pid}."
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and process.is_alive():
-        try:
-            if any(name.startswith(prefix) for name in os.listdir(directory)):
-                return True
-        except FileNotFoundError:
-            pass
+        if temps_of(directory, pid):  # the one name grammar, never a hand-made prefix
+            return True
         time.sleep(0.0005)
     return False
 

@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 import ckptfn
-from ckptfn.core.naming import archived_of, parse_temp_name
+from ckptfn.core.naming import archived_of, parse_temp_name, temp_name
 from ckptfn.io.dcp import write_shards
 from ckptfn.io.fs import LINKS_UNSUPPORTED, FileSystem
 from ckptfn.io.publish import sweep
@@ -443,7 +443,7 @@ def _save(directory: pathlib.Path, scenario: Scenario, epoch: int, fs: FileSyste
     if not scenario.sharded:
         write_snapshot(directory, scenario.targets, _payload(epoch), _metadata(names, epoch), fs=fs)
         return
-    temp = f".ckptfn.{os.getpid()}.{os.uname().nodename.replace('.', '_')[:32]}.{epoch:04x}.best.dcp.tmp"
+    temp = temp_name("best.dcp", os.getpid(), os.uname().nodename, f"{epoch:04x}", namespace=FileSystem().pid_namespace())
     tree = write_shards(directory, temp, _payload(epoch), fs=fs)
     if isinstance(fs, Recorder):
         fs.adopt_external(tree)
@@ -516,7 +516,7 @@ def run_scenario(scenario: Scenario, recorder_type: type[Recorder], tally: Tally
         for epoch in range(scenario.earlier):
             _save(directory, scenario, epoch, FileSystem())
         if scenario.stale_temp:
-            dead = f".ckptfn.999999999.{os.uname().nodename.replace('.', '_')[:32]}.ab.best.pt.tmp"
+            dead = temp_name("best.pt", 999_999_999, os.uname().nodename, "ab")
             (directory / dead).write_bytes(b"partial")
         before = snapshot_view(directory) if directory.exists() else {}
         old_bests = _bests(directory, scenario) if directory.exists() else {}
@@ -547,15 +547,15 @@ def run_scenario(scenario: Scenario, recorder_type: type[Recorder], tally: Tally
                     if key in seen:
                         continue
                     seen.add(key)
-                    tally.tried("fault", f"  power loss, {model}")
+                    tally.tried("fault", f"power loss, {model}")
                     for category, message in check_state(view, expected, scenario, work / "scratch", returned):
-                        tally.problem("fault", f"  power loss, {model}", category, f"{scenario.name}, after op {k}: {message}")
+                        tally.problem("fault", f"power loss, {model}", category, f"{scenario.name}, after op {k}: {message}")
 
 
 def run(*, scenarios=SCENARIOS, recorder_type: type[Recorder] = Recorder, seed: int = 0) -> Tally:
     tally, rng = Tally(), random.Random(seed)
     for model in MODELS:
-        tally.tried("fault", f"  power loss, {model}", 0)
+        tally.tried("fault", f"power loss, {model}", 0)
     for scenario in scenarios:
         run_scenario(scenario, recorder_type, tally, rng=rng)
     return tally

@@ -25,14 +25,16 @@ if __name__ == "__main__":  # run as a script: make `tests` importable, then run
 import torch
 
 import ckptfn
-from tests.reliability import concurrency, crashpoints, diskfaults, fuzz, hostile, kill
+from tests.reliability import cli_inputs, concurrency, corners, crashpoints, diskfaults, fuzz, hostile, kill, powerloss, statedisk
 from tests.reliability.common import Mounts, Tally
 
 SIZES = {
     "full": {"exhaustive": True, "kill_trials": 30, "kill_mib": (8, 64), "race_seconds": 8.0, "examples": 1500,
-             "filenames": 300, "mutations": 2400},
+             "filenames": 300, "mutations": 2400,
+             "statedisk": {"epochs": 120, "seeds": (3, 4, 5), "seconds": 6.0, "histories": 60}, "corners": 300},
     "quick": {"exhaustive": False, "kill_trials": 12, "kill_mib": (1, 4), "race_seconds": 2.0, "examples": 200,
-              "filenames": 80, "mutations": 240},
+              "filenames": 80, "mutations": 240,
+              "statedisk": {"epochs": 60, "seeds": (3,), "seconds": 3.0, "histories": 15}, "corners": 30},
 }
 
 
@@ -49,6 +51,10 @@ def run_all(size: dict, *, progress=print) -> tuple[Tally, dict[str, str], int, 
         return result
 
     tally.merge(part("crash points", lambda: crashpoints.run(exhaustive=size["exhaustive"])))
+    tally.merge(part("power loss", powerloss.run))
+    state_tally, missing = part("state vs disk", lambda: statedisk.run(**size["statedisk"]))
+    tally.merge(state_tally)
+    unavailable.update(missing)
     tally.merge(part("kills", lambda: kill.run(size["kill_trials"], mib=size["kill_mib"])))
     with tempfile.TemporaryDirectory(prefix="ckptfn-report-") as work:
         mounts = Mounts(pathlib.Path(work) / "mounts")
@@ -66,10 +72,14 @@ def run_all(size: dict, *, progress=print) -> tuple[Tally, dict[str, str], int, 
         fuzz.fuzz_metrics(fuzzed, size["examples"])
         fuzz.fuzz_filenames(fuzzed, size["filenames"])
         fuzz.fuzz_mutations(fuzzed, size["mutations"])
+        fuzz.fuzz_pickles(fuzzed, size["examples"])
+        fuzz.fuzz_zips(fuzzed, size["examples"])
         return fuzzed
 
     tally.merge(part("fuzzing", fuzzers))
     tally.merge(part("hostile files", hostile.run))
+    tally.merge(part("command line inputs", cli_inputs.run))
+    tally.merge(part("async and distributed corners", lambda: corners.run(examples=size["corners"])))
     return tally, unavailable, superseded, seconds
 
 

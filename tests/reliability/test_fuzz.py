@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -36,6 +38,35 @@ def test_mutated_checkpoint_bytes_only_give_checkpoint_errors_in_a_watched_inter
     fuzz.fuzz_mutations(tally, 240)
     tally.assert_clean()
     assert sum(tally.count("input", fuzz.MUTATION.format(kind)) for kind in fuzz.MUTATION_KINDS) == 240
+
+
+@pytest.mark.parametrize("fuzzer, kind", [(fuzz.fuzz_pickles, fuzz.PICKLES), (fuzz.fuzz_zips, fuzz.ZIPS)],
+                         ids=["pickles", "zip structures"])
+def test_every_reader_over_fuzzed_pickles_and_zips_in_limited_children(fuzzer, kind):
+    tally = Tally()
+    outcomes = fuzzer(tally, 200)
+    tally.assert_clean()
+    assert tally.count("input", kind) == 200
+    assert outcomes[("loaded", "loaded")] >= 10 and outcomes[("refused", "refused")] >= 50  # both kinds reached
+
+
+@pytest.mark.parametrize("sabotage, expected", [("allocate", "MemoryError"), ("hang", "hang"), ("other error", "ValueError")])
+def test_the_reader_harness_reports_allocations_hangs_and_undocumented_errors(monkeypatch, sabotage, expected):
+    def sabotaged(path):
+        if sabotage == "allocate":
+            return bytearray(fuzz.FUZZ_MEMORY + (1 << 30))  # past the child's limit: a MemoryError
+        if sabotage == "hang":
+            time.sleep(3600)
+        raise ValueError("not a CheckpointError")
+
+    monkeypatch.setattr(ckptfn, "read_metadata", sabotaged)
+    monkeypatch.setattr(fuzz, "FUZZ_SECONDS", 1.0)
+    monkeypatch.setattr(fuzz, "FUZZ_SLACK", 0.5)
+    monkeypatch.setattr(fuzz, "FUZZ_BATCH", 2)
+    tally = Tally()
+    fuzz._run_batches(tally, fuzz.ZIPS, [fuzz.base_checkpoint()] * 2, keep=False)
+    assert tally.row("input", fuzz.ZIPS).unexpected >= 1
+    assert any(expected in problem for problem in tally.problems), tally.problems
 
 
 @pytest.mark.parametrize("sabotage, expected", [("crash", "died"), ("hang", "hung")])

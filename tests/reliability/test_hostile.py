@@ -32,8 +32,13 @@ from tests.reliability.common import Tally, clock, dead_pid, in_child, payload
         (lambda t, w: hostile.symlinks(t, w), hostile.SYMLINK, 17),
         (lambda t, w: hostile.traversals(t), hostile.TRAVERSAL, 18),
         (lambda t, w: hostile.odd_files(t), hostile.ODD, 17),
+        (lambda t, w: hostile.endless(t), hostile.ENDLESS, 35),
+        (lambda t, w: hostile.allocations(t), hostile.ALLOCATION, 27),
+        (lambda t, w: hostile.zips(t), hostile.ZIP, 20),
+        (lambda t, w: hostile.trees(t), hostile.TREE, 68),
     ],
-    ids=["pickles", "zip bombs", "symlinks", "path traversal", "odd files"],
+    ids=["pickles", "zip bombs", "symlinks", "path traversal", "odd files", "endless metadata", "allocations",
+         "zip structure", "DCP trees"],
 )
 def test_hostile_files(tmp_path, group, kind, at_least):
     tally = Tally()
@@ -136,3 +141,25 @@ def test_regression_an_unremovable_stale_temp_does_not_block_saves(tmp_path):
     start = time.monotonic()
     write_snapshot(tmp_path, [Target("best.pt")], payload(1), meta(1))
     assert ckptfn.read_metadata(tmp_path / "best.pt")["epoch"] == 1 and time.monotonic() - start < 30
+
+
+def test_regression_the_shared_list_file_no_longer_hangs_resume_inspect_or_an_archiving_save(tmp_path):
+    # a 2 KB torch.save file with 80 levels of shared lists hung read_metadata, resume=True/False and an
+    # overwrite=False save of that name (each walked 2**80 values); torch.load reads it in 2 ms
+    (tmp_path / "best.pt").write_bytes(hostile.torch_saved(x=hostile.shared_lists(80)))
+    for reader in ("read_metadata", "CheckpointManager(resume=True)", "CheckpointManager(resume=False)",
+                   "save with overwrite=False over it"):
+        started = time.monotonic()
+        outcome, problems = in_child(hostile.READERS[reader], tmp_path, timeout=30)
+        assert outcome == "ok" and problems == [], (reader, outcome, problems)
+        assert time.monotonic() - started < 10, reader
+
+
+def test_regression_bytearray_3_gib_in_a_1_kb_file_is_refused_without_allocating(tmp_path):
+    # read_metadata allocated the 3 GiB twice (the allow-listed reader, then torch's fallback) in 9-14 s
+    # and returned it as metadata
+    data = hostile.allocation_variants()["bytearray(3 GiB) in the metadata (a 1 KB file)"]
+    assert len(data) < 4096
+    for reader in ("read_metadata", "load_checkpoint", "CheckpointManager(resume=True)"):
+        outcome, problems = in_child(hostile._bounded, data, reader, timeout=30)
+        assert outcome == "ok" and problems == [], (reader, outcome, problems)

@@ -19,7 +19,7 @@ def test_no_power_cut_leaves_a_bad_state_in_any_scenario_under_either_model():
         warnings.simplefilter("ignore")  # resuming from a crash state warns about torn files it skips
         tally = powerloss.run()
     tally.assert_clean()
-    strict, ordered = (tally.count("fault", f"  power loss, {model}") for model in powerloss.MODELS)
+    strict, ordered = (tally.count("fault", f"power loss, {model}") for model in powerloss.MODELS)
     assert strict >= 200 and ordered >= 100, "the scenarios really enumerate distinct states"
 
 

@@ -250,3 +250,23 @@ def test_importing_and_using_ckptfn_in_one_process_loads_no_distributed_checkpoi
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=root)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[] False"
+
+
+# --- ranks configured differently ---------------------------------------------------------------
+
+
+def test_ranks_configured_differently_all_raise_the_same_config_error_when_the_manager_is_built(tmp_path):
+    cases = list(workers.MISCONFIGURED)
+    rank0, rank1 = run_ranks(tmp_path, workers.configured_differently, str(tmp_path / "run"), cases, timeout=60)
+    # before: no error on rank 0, then rank 1 failed with a ValueError or a ConfigError at the first update
+    # while rank 0 died in gloo ("Read error", "Connection closed by peer"); a different Every period
+    # went unnoticed
+    for case in workers.MISCONFIGURED:
+        assert rank0["seen"][case] == rank1["seen"][case] == workers.expected_refusal(case), case
+    assert not (tmp_path / "run" / "mode").exists()  # refused before anything was read or written
+    # the process group is intact: a manager configured alike saves on every rank, and the check
+    # was one collective when it was built, none per update
+    assert rank0["paths"] == rank1["paths"] == [["best_loss.pt", "best_corr.pt"], ["best_loss.pt"], []]
+    for rank in (rank0, rank1):
+        assert rank["at_construction"] == {"all_gather_object": 1, "broadcast_object_list": 1}  # the check; restore
+        assert rank["after_updates"]["all_gather_object"] == 1

@@ -5,6 +5,9 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import pathlib
+import shutil
+import textwrap
 import warnings
 
 import pytest
@@ -284,3 +287,60 @@ def test_save_checkpoint(tmp_path):
     assert again == path and manager.load_checkpoint(path)[1]["epoch"] == 10
     archived = [n for n in os.listdir(tmp_path) if archived_of(n, "final.pt")]
     assert len(archived) == 1 and manager.load_checkpoint(tmp_path / archived[0])[1]["epoch"] == 9
+
+
+# --- a best this process cannot read (issue 13) ---------------------------------------------------
+
+
+def test_a_best_the_process_cannot_read_is_refused_not_taken_for_absent(tmp_path):
+    """Permission denied at resume: refused naming the file. The child runs without the capabilities
+    that let root read any file (``setpriv``), so the permission bits apply to it."""
+    import subprocess
+    import sys
+
+    from tests.reliability.common import ROOT
+
+    CheckpointManager(tmp_path, [{"metric_name": "val_loss"}]).update({"val_loss": 0.1}, {"w": 1}, 0)
+    (tmp_path / "best_val_loss.pt").chmod(0o000)
+    child = textwrap.dedent(
+        """
+        import sys, ckptfn
+        for resume in (None, True):
+            try:
+                ckptfn.CheckpointManager(sys.argv[1], [{"metric_name": "val_loss"}], resume=resume)
+                print("accepted", resume)
+            except ckptfn.CheckpointError as error:
+                print("refused", resume, "best_val_loss.pt" in str(error), "Permission" in str(error))
+        """
+    )
+    command = [sys.executable, "-c", child, str(tmp_path)]
+    if os.geteuid() == 0:
+        command = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", *command]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                              timeout=120)
+    finally:
+        (tmp_path / "best_val_loss.pt").chmod(0o600)
+    assert done.stdout.split("\n")[:2] == ["refused None True True", "refused True True True"], done.stderr[-1500:]
+    assert ckptfn.read_metadata(tmp_path / "best_val_loss.pt")["saves"][0]["value"] == 0.1  # untouched
+
+
+def test_verify_full_refuses_a_best_with_a_flipped_bit_that_torch_would_load(tmp_path):
+    """torch.load never checks the zip CRC32s: a bit flip in tensor data loads silently. verify="full"
+    refuses to trust such a best when resuming, naming the file and the damaged record."""
+    import struct
+    import zipfile
+
+    CheckpointManager(tmp_path, [{"metric_name": "val_loss"}]).update({"val_loss": 0.5}, {"w": torch.ones(64)}, 0)
+    path = tmp_path / "best_val_loss.pt"
+    with zipfile.ZipFile(path) as archive:
+        record = next(info for info in archive.infolist() if info.filename.endswith("/data/0"))
+    data = bytearray(path.read_bytes())
+    name_length, extra_length = struct.unpack_from("<HH", data, record.header_offset + 26)  # the local header's own
+    start = record.header_offset + 30 + name_length + extra_length
+    data[start + 5] ^= 0x10  # one bit of the tensor's bytes
+    path.write_bytes(bytes(data))
+    assert not torch.equal(ckptfn.load_checkpoint(path)[0]["w"], torch.ones(64))  # torch loads it silently
+    assert CheckpointManager(tmp_path, [{"metric_name": "val_loss"}]).best_values == {"best_val_loss.pt": 0.5}
+    with pytest.raises(ckptfn.CheckpointError, match=r"best_val_loss.pt.*CRC32"):
+        CheckpointManager(tmp_path, [{"metric_name": "val_loss"}], verify="full")

@@ -1,0 +1,628 @@
+"""Verifying checkpoints: is every byte still the one written, and does the file load safely?
+
+torch writes a CRC32 of every zip record but never checks one when it loads, so a
+flipped bit in tensor data loads silently. ``verify_checkpoint`` checks what can
+be checked, reading in bounded chunks (memory stays at a few MiB whatever the
+size of the checkpoint). Two levels:
+
+``"structure"`` (cheap; what resume relies on by default): a file is a regular
+zip file whose records torch.save could have written and whose ckptfn metadata
+reads (``read_metadata``). A sharded tree (``.dcp``): its ``ckptfn.json`` and
+DCP's ``.metadata`` read (the allow-listed unpickler), every tensor chunk and
+value has a storage record, and every record lies within a regular file inside
+the tree.
+
+``"full"``: the structure, then every byte the records hold is read. In a file,
+each record's local header must agree with the central directory (name, method,
+flags, time, version, sizes; the data descriptor too) and its bytes must hash to
+the central directory's CRC32; then the file must load with
+``torch.load(weights_only=True, mmap=True)``. In a tree, each storage record that
+is a ``torch.save`` archive (DCP's default format) is checked the same way, and
+every non-tensor value must load with ``weights_only=True``.
+
+Not checked, because nothing records them: bytes no reader uses (the extra fields
+of local headers, which hold torch's alignment padding; the central directory's
+"version made by", disk number and file attributes), and the data of files
+written with ``checksums=False`` (their CRC fields are 0): those are
+read in full (an unreadable sector is found) but a flipped bit cannot be seen, so
+the verdict stays ok with a note saying so. Tensor records of a tree are
+CRC-checked but not loaded (that would take the whole shard's memory).
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import itertools
+import os
+import pathlib
+import stat
+import struct
+import zipfile
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+
+import attrs
+
+from ckptfn.core.errors import CheckpointError, CheckpointNotFoundError
+from ckptfn.core.naming import DCP_SUFFIX
+from ckptfn.io.dcp import is_sharded_checkpoint
+from ckptfn.io.fs import open_regular
+from ckptfn.io.read import read_metadata
+
+__all__ = ["CRC32_IMPLEMENTATION", "LEVELS", "Verdict", "checkpoints_in", "verify_checkpoint", "verify_checkpoints"]
+
+#: The verification levels, cheapest first.
+LEVELS = ("structure", "full")
+
+#: File name suffixes of checkpoint files (besides any file starting with the zip magic).
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
+
+_CHUNK = 1 << 20  # bytes per read: small enough to stay in the CPU's cache while it is hashed
+_ZIP_MAGIC = b"PK\x03\x04"
+_DESCRIPTOR_MAGIC = b"PK\x07\x08"
+#: A zip local file header: signature, version, flags, method, time, date, CRC32, sizes, name and extra lengths.
+_LOCAL_HEADER = struct.Struct("<4s5H3I2H")
+_DESCRIPTOR_FLAG = 0x08  # general purpose bit 3: CRC and sizes follow the data
+_UTF8_FLAG = 0x800
+_ZIP64_LIMIT = 0xFFFFFFFF
+_CHECKS = ("structure", "crc32", "read", "load")  # what a Verdict says was checked, in this order
+
+
+def _fastest_crc32() -> tuple[Callable[[bytes, int], int], str]:
+    """zlib-ng's CRC32 (SIMD, about 8x the standard library's) where installed, else zlib's."""
+    try:
+        from zlib_ng.zlib_ng import crc32
+    except ImportError:
+        return zlib.crc32, "zlib"
+    return crc32, "zlib-ng"
+
+
+_crc32, CRC32_IMPLEMENTATION = _fastest_crc32()
+
+
+@attrs.frozen
+class Verdict:
+    """What verifying one checkpoint (a file or a sharded tree) found.
+
+    ``ok`` is True when nothing is damaged: ``problems`` is empty (each names the
+    record and offset it is about). ``notes`` say what could not be checked,
+    ``checked`` what was: ``structure``, ``crc32`` (``records`` records hashed and
+    compared), ``read`` (``bytes_read`` bytes, every byte the records hold) and
+    ``load`` (``weights_only=True``).
+
+    >>> import tempfile, torch, ckptfn
+    >>> with tempfile.TemporaryDirectory() as directory:
+    ...     manager = ckptfn.CheckpointManager(directory, ckptfn.Strategy("val_loss"))
+    ...     (path,) = manager.update({"val_loss": 0.5}, {"w": torch.ones(1000)}, epoch=0)
+    ...     verdict = verify_checkpoint(path)
+    ...     verdict.raise_error()  # nothing to raise
+    >>> verdict.ok, verdict.checked, verdict.records, verdict.problems
+    (True, ('structure', 'crc32', 'read', 'load'), 7, ())
+    >>> Verdict("best.pt", "full", problems=["'archive/data/0': CRC32 mismatch"]).raise_error()
+    Traceback (most recent call last):
+    ...
+    ckptfn.CheckpointError: best.pt: damaged: 'archive/data/0': CRC32 mismatch
+    """
+
+    path: str = attrs.field(converter=str)
+    level: str
+    checked: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    problems: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    notes: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    records: int = 0
+    bytes_read: int = 0
+    ok: bool = attrs.field(init=False)
+
+    @ok.default
+    def _no_problems(self) -> bool:
+        return not self.problems
+
+    def raise_error(self) -> None:
+        """Raise a ``CheckpointError`` naming every problem, if there is any."""
+        if self.problems:
+            raise CheckpointError(f"{self.path}: damaged: " + "; ".join(self.problems))
+
+
+@attrs.define
+class _Tally:
+    """What a verification has found so far (one per checkpoint; mutable while it runs)."""
+
+    checked: list[str] = attrs.Factory(list)
+    problems: list[str] = attrs.Factory(list)
+    notes: list[str] = attrs.Factory(list)
+    records: int = 0
+    unchecked: int = 0  # records whose bytes were read but that carry no checksum
+    bytes_read: int = 0
+    buffer: memoryview = attrs.Factory(lambda: memoryview(bytearray(_CHUNK)))
+
+    def did(self, check: str) -> None:
+        if check not in self.checked:
+            self.checked.append(check)
+
+    def verdict(self, path: pathlib.Path, level: str) -> Verdict:
+        checked = sorted(self.checked, key=_CHECKS.index)
+        return Verdict(str(path), level, checked, self.problems, self.notes, self.records, self.bytes_read)
+
+
+class _Unreadable(Exception):
+    """A byte range could not be read in full (the message says where and why)."""
+
+
+class _Window(io.RawIOBase):
+    """Bytes ``[base, base + length)`` of an open file as a read-only seekable file (for ``zipfile``)."""
+
+    def __init__(self, file: io.BufferedReader, base: int, length: int) -> None:
+        super().__init__()
+        self._file, self._base, self._length, self._position = file, base, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        start = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._length}[whence]
+        if start + offset < 0:
+            raise OSError(errno.EINVAL, "seek before the start")
+        self._position = start + offset
+        return self._position
+
+    def readinto(self, buffer) -> int:
+        count = min(len(buffer), max(0, self._length - self._position))
+        if count == 0:
+            return 0
+        self._file.seek(self._base + self._position)
+        got = self._file.readinto(memoryview(buffer).cast("B")[:count]) or 0
+        self._position += got
+        return got
+
+
+# --- reading -----------------------------------------------------------------------------------
+
+
+def _read_at(file: io.BufferedReader, offset: int, size: int) -> bytes:
+    """Up to ``size`` bytes at ``offset`` (fewer at the end of the file)."""
+    file.seek(offset)
+    return file.read(size)
+
+
+def _hash_range(file: io.BufferedReader, offset: int, size: int, tally: _Tally) -> int:
+    """The CRC32 of ``size`` bytes at ``offset``, read in chunks; raises ``_Unreadable``."""
+    crc, done = 0, 0
+    try:
+        file.seek(offset)
+        while done < size:
+            view = tally.buffer[: min(_CHUNK, size - done)]
+            got = file.readinto(view)
+            if not got:
+                raise _Unreadable(f"the file ends at offset {offset + done}, inside it")
+            crc = _crc32(view[:got], crc)
+            done += got
+    except OSError as error:
+        raise _Unreadable(f"cannot be read at offset {offset + done} ({_describe(error)})") from error
+    finally:
+        tally.bytes_read += done
+    return crc
+
+
+def _describe(error: BaseException) -> str:
+    """``Type: first line of the message`` (at most 200 characters)."""
+    text = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+    return f"{type(error).__name__}: {text[:200]}" if text else type(error).__name__
+
+
+def _without_path(path: pathlib.Path, error: BaseException) -> str:
+    """An error's message, without the leading ``path: `` the readers put there."""
+    return str(error).replace(f"{path}: ", "", 1)
+
+
+# --- zip records -------------------------------------------------------------------------------
+
+
+def _open_archive(file: io.BufferedReader, base: int, length: int) -> list[zipfile.ZipInfo] | None:
+    """The central directory of the zip archive at ``[base, base + length)``, or None if it does not parse."""
+    try:
+        return zipfile.ZipFile(_Window(file, base, length)).infolist()
+    except Exception:  # noqa: BLE001 - zipfile raises many types for a damaged archive
+        return None
+
+
+def _has_checksums(members: Iterable[zipfile.ZipInfo]) -> bool:
+    """False for an archive written without CRC32s: every record holding bytes records 0."""
+    return any(member.CRC != 0 for member in members if member.file_size > 0)
+
+
+def _date_time(date: int, time: int) -> tuple[int, ...]:
+    """A zip header's date and time fields, decoded as ``zipfile`` decodes the central directory's.
+
+    >>> _date_time(0, 0)
+    (1980, 0, 0, 0, 0, 0)
+    """
+    return ((date >> 9) + 1980, (date >> 5) & 0xF, date & 0x1F, time >> 11, (time >> 5) & 0x3F, (time & 0x1F) * 2)
+
+
+def _local_header_problems(header: tuple, name: bytes, member: zipfile.ZipInfo) -> list[str]:
+    """How a record's local header disagrees with its central directory entry (empty: it agrees)."""
+    _, version, flags, method, time, date, crc, compressed, size, _, _ = header
+    decoded = name.decode("utf-8" if flags & _UTF8_FLAG else "cp437", errors="replace")
+    found = []
+    for what, local, central in (
+        ("name", decoded, member.orig_filename),
+        ("version", version, member.extract_version | member.reserved << 8),  # zipfile splits the field
+        ("flags", flags, member.flag_bits),
+        ("method", method, member.compress_type),
+        ("date and time", _date_time(date, time), member.date_time),
+    ):
+        if local != central:
+            found.append(f"{what} {local!r} (the central directory says {central!r})")
+    sizes = (crc, compressed, size)
+    central = (member.CRC, min(member.compress_size, _ZIP64_LIMIT), min(member.file_size, _ZIP64_LIMIT))
+    expected = {central, (0, 0, 0), (0, _ZIP64_LIMIT, _ZIP64_LIMIT)} if flags & _DESCRIPTOR_FLAG else {central}
+    if sizes not in expected:
+        found.append(f"CRC32 and sizes {sizes} (the central directory says {central})")
+    return found
+
+
+def _descriptor_problem(descriptor: bytes, member: zipfile.ZipInfo) -> str | None:
+    """How a record's data descriptor (the CRC and sizes after its bytes) disagrees with the central directory."""
+    if descriptor[:4] == _DESCRIPTOR_MAGIC:
+        descriptor = descriptor[4:]
+    sizes = (member.compress_size, member.file_size)
+    if len(descriptor) >= 12 and struct.unpack_from("<I", descriptor)[0] == member.CRC:
+        if struct.unpack_from("<2I", descriptor, 4) == sizes:
+            return None
+        if len(descriptor) >= 20 and struct.unpack_from("<2Q", descriptor, 4) == sizes:
+            return None
+    return f"its data descriptor {descriptor[:20].hex()} disagrees with the central directory"
+
+
+def _check_record(
+    file: io.BufferedReader, base: int, length: int, member: zipfile.ZipInfo, checksums: bool, tally: _Tally, where: str
+) -> None:
+    """Check one record of the archive at ``[base, base + length)``: headers, then its bytes' CRC32."""
+    label = f"{where}{member.orig_filename!r}"
+    at = base + member.header_offset
+    try:
+        header = _read_at(file, at, _LOCAL_HEADER.size)
+        fields = _LOCAL_HEADER.unpack(header) if len(header) == _LOCAL_HEADER.size else None
+        if fields is None or fields[0] != _ZIP_MAGIC:
+            tally.problems.append(f"{label}: no local header at offset {at}")
+            return
+        name = _read_at(file, at + _LOCAL_HEADER.size, fields[9])
+    except OSError as error:
+        tally.problems.append(f"{label}: its header cannot be read at offset {at} ({_describe(error)})")
+        return
+    disagreements = _local_header_problems(fields, name, member)
+    if disagreements:
+        tally.problems.append(f"{label}: the local header at offset {at} has " + "; ".join(disagreements))
+    start = member.header_offset + _LOCAL_HEADER.size + fields[9] + fields[10]
+    end = start + member.compress_size
+    if end > length:
+        tally.problems.append(
+            f"{label}: its {member.compress_size} bytes at offset {base + start} run past the end "
+            f"of the {'record' if where else 'file'} (offset {base + length})"
+        )
+        return
+    try:
+        crc = _hash_range(file, base + start, member.compress_size, tally)
+        descriptor = _read_at(file, base + end, min(24, length - end)) if fields[2] & _DESCRIPTOR_FLAG else None
+    except (_Unreadable, OSError) as error:
+        tally.problems.append(f"{label}: {error}")
+        return
+    if checksums:
+        tally.records += 1
+        if crc != member.CRC:
+            tally.problems.append(
+                f"{label}: CRC32 mismatch: its {member.compress_size} bytes at offset {base + start} hash to "
+                f"{crc:#010x}, the central directory records {member.CRC:#010x}"
+            )
+    elif member.file_size:
+        tally.unchecked += 1
+    if descriptor is not None and (problem := _descriptor_problem(descriptor, member)):
+        tally.problems.append(f"{label}: {problem} (at offset {base + end})")
+
+
+def _check_archive(
+    file: io.BufferedReader, base: int, length: int, members: list[zipfile.ZipInfo], tally: _Tally, where: str = ""
+) -> None:
+    """Check every record of an archive whose central directory is ``members``."""
+    checksums = _has_checksums(members)
+    for member in members:
+        _check_record(file, base, length, member, checksums, tally, where)
+    if checksums:
+        tally.did("crc32")
+    tally.did("read")
+
+
+def _no_checksums_note(tally: _Tally, what: str) -> None:
+    if tally.unchecked:
+        tally.notes.append(
+            f"{what} written without checksums (checksums=False): the bytes of {tally.unchecked} records were "
+            "read but cannot be checked against a CRC32"
+        )
+
+
+# --- files -------------------------------------------------------------------------------------
+
+
+def _check_load(path: pathlib.Path, tally: _Tally) -> None:
+    """The file loads with ``weights_only=True``; ``mmap`` so that no tensor's bytes are read into memory."""
+    import torch  # here, not at import: the structure level needs no torch
+
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # noqa: BLE001 - torch raises many types for damaged files
+        tally.problems.append(f"does not load with torch.load(weights_only=True): {_describe(error)}")
+    tally.did("load")
+
+
+def _verify_file(path: pathlib.Path, level: str) -> Verdict:
+    tally = _Tally()
+    try:
+        read_metadata(path)
+    except CheckpointError as error:
+        tally.problems.append(_without_path(path, error))
+    tally.did("structure")
+    if level == "full":
+        try:
+            with open_regular(path) as file:
+                length = os.fstat(file.fileno()).st_size
+                members = _open_archive(file, 0, length)
+                if members is not None:
+                    _check_archive(file, 0, length, members, tally)
+                elif not tally.problems:  # pragma: no cover - read_metadata refuses such a file first
+                    tally.problems.append("damaged zip archive: its central directory does not parse")
+        except OSError as error:
+            if not tally.problems:
+                tally.problems.append(f"cannot be read ({_describe(error)})")
+        _no_checksums_note(tally, "a file")
+        if not tally.problems:  # loading a damaged file would only repeat the news
+            _check_load(path, tally)
+    return tally.verdict(path, level)
+
+
+# --- sharded trees -----------------------------------------------------------------------------
+
+
+@attrs.frozen
+class _Item:
+    """One storage record of a DCP tree: a value's bytes at ``[offset, offset + length)`` of a shard file."""
+
+    file: str
+    offset: int
+    length: int
+    fqn: str
+    is_bytes: bool
+    transformed: bool
+
+
+def _dcp_metadata(path: pathlib.Path) -> object:
+    """DCP's ``.metadata`` of the tree, through the one allow-listed unpickler."""
+    from ckptfn.io.dcp import _dcp  # the safe reader load_sharded uses
+
+    return _dcp().reader(path).read_metadata()
+
+
+def _items(metadata: object, tally: _Tally) -> list[_Item]:
+    """The storage records of a DCP tree's metadata; a chunk or value that has none is a problem."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
+
+    storage = metadata.storage_data
+    for fqn, entry in metadata.state_dict_metadata.items():
+        keys = [MetadataIndex(fqn)] if isinstance(entry, BytesStorageMetadata) else [
+            MetadataIndex(fqn, chunk.offsets) for chunk in entry.chunks
+        ]
+        for key in keys:
+            if key not in storage:
+                where = "" if key.offset is None else f" (chunk at {list(key.offset)})"
+                tally.problems.append(f"{fqn!r}{where}: DCP's .metadata records no storage for it")
+    kinds = {fqn: isinstance(entry, BytesStorageMetadata) for fqn, entry in metadata.state_dict_metadata.items()}
+    items = []
+    for key, info in storage.items():
+        if not all(type(value) is int for value in (info.offset, info.length)):
+            extent = f"({info.offset!r}, {info.length!r})"
+            tally.problems.append(f"{key.fqn!r}: DCP's .metadata records a malformed extent {extent}")
+            continue
+        items.append(_Item(str(info.relative_path), info.offset, info.length, key.fqn, kinds.get(key.fqn, False),
+                           bool(getattr(info, "transform_descriptors", None))))
+    return sorted(items, key=lambda item: (item.file, item.offset, item.length, item.fqn))
+
+
+def _inside(name: str) -> bool:
+    """Whether a shard file name stays inside the tree (relative, no ``..``).
+
+    >>> _inside("__0_0.distcp"), _inside("../x"), _inside("/etc/passwd"), _inside("")
+    (True, False, False, False)
+    """
+    parts = pathlib.PurePosixPath(name).parts
+    return bool(parts) and not name.startswith("/") and ".." not in parts
+
+
+def _open_shard(tree: pathlib.Path, name: str, users: int, tally: _Tally) -> io.BufferedReader | None:
+    """A shard file, open; None (and a problem) when it is missing, elsewhere or not a regular file."""
+    label = f"{name!r} (holding {users} records)"
+    if not _inside(name):
+        tally.problems.append(f"{label}: DCP's .metadata names a file outside the checkpoint")
+        return None
+    try:
+        if not stat.S_ISREG(os.lstat(tree / name).st_mode):
+            tally.problems.append(f"{label}: not a regular file")
+            return None
+        return open_regular(tree / name)
+    except FileNotFoundError:
+        tally.problems.append(f"{label}: missing")
+    except OSError as error:
+        tally.problems.append(f"{label}: cannot be opened ({_describe(error)})")
+    return None
+
+
+def _check_item(file: io.BufferedReader, item: _Item, tally: _Tally, level: str) -> None:
+    """One storage record: within its file; at the full level, its bytes (CRC32s, for an archive) and load."""
+    size = os.fstat(file.fileno()).st_size
+    label = f"{item.file!r} record {item.fqn!r} (bytes {item.offset}-{item.offset + item.length})"
+    if item.offset < 0 or item.length < 0 or item.offset + item.length > size:
+        tally.problems.append(f"{label}: lies beyond the end of the {size}-byte file")
+        return
+    if level != "full":
+        return
+    archive = not item.transformed and _read_at(file, item.offset, min(4, item.length)) == _ZIP_MAGIC
+    members = _open_archive(file, item.offset, item.length) if archive else None
+    if members is None:
+        if archive:
+            tally.problems.append(f"{label}: damaged torch.save archive (its central directory does not parse)")
+        try:
+            _hash_range(file, item.offset, item.length, tally)
+        except _Unreadable as error:
+            tally.problems.append(f"{label}: {error}")
+        tally.did("read")
+        return
+    before = len(tally.problems)
+    _check_archive(file, item.offset, item.length, members, tally, where=f"{label}: ")
+    if item.is_bytes and len(tally.problems) == before:
+        _check_value_loads(file, item, tally, label)
+
+
+def _check_value_loads(file: io.BufferedReader, item: _Item, tally: _Tally, label: str) -> None:
+    """A non-tensor value loads with ``weights_only=True`` (as ``load_sharded`` will load it)."""
+    import torch  # here, not at import: the structure level needs no torch
+
+    try:
+        torch.load(_Window(file, item.offset, item.length), map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - torch raises many types for damaged bytes
+        tally.problems.append(f"{label}: does not load with torch.load(weights_only=True): {_describe(error)}")
+    tally.did("load")
+
+
+def _verify_tree(path: pathlib.Path, level: str) -> Verdict:
+    tally = _Tally()
+    tally.did("structure")
+    try:
+        read_metadata(path)
+    except CheckpointError as error:
+        tally.problems.append(_without_path(path, error))
+    try:
+        items = _items(_dcp_metadata(path), tally)
+    except Exception as error:  # noqa: BLE001 - a damaged pickle raises many types
+        if (path / ".metadata").is_file():  # else read_metadata said it already
+            tally.problems.append(f"'.metadata': cannot be read ({_describe(error)})")
+        return tally.verdict(path, level)
+    for name, group in itertools.groupby(items, key=lambda item: item.file):
+        group = list(group)
+        file = _open_shard(path, name, len(group), tally)
+        if file is None:
+            continue
+        with file:
+            for item in group:
+                _check_item(file, item, tally, level)
+    if level == "full":
+        _no_checksums_note(tally, "a tree")
+    return tally.verdict(path, level)
+
+
+# --- the entry points --------------------------------------------------------------------------
+
+
+def _is_tree(path: pathlib.Path) -> bool:
+    return path.is_dir() and (path.suffix == DCP_SUFFIX or is_sharded_checkpoint(path))
+
+
+def verify_checkpoint(path: str | os.PathLike, *, level: str = "full") -> Verdict:
+    """Verify one checkpoint, a file or a sharded tree (``.dcp``): a ``Verdict``, never raised.
+
+    ``level="full"`` (default) reads every byte and compares every record's CRC32
+    (see the module's docstring for what each level checks); ``"structure"`` checks
+    the zip directory and metadata only. Memory stays bounded (chunks of 1 MiB;
+    loading maps the file). Raises ``CheckpointNotFoundError`` when nothing is at
+    ``path``, ``ValueError`` for an unknown level.
+
+    >>> import pathlib, tempfile, torch, ckptfn
+    >>> with tempfile.TemporaryDirectory() as directory:
+    ...     manager = ckptfn.CheckpointManager(directory, ckptfn.Strategy("val_loss"))
+    ...     (path,) = manager.update({"val_loss": 0.5}, {"w": torch.zeros(1000)}, epoch=0)
+    ...     data = bytearray(path.read_bytes())
+    ...     data[data.index(bytes(4000)) + 1234] ^= 0x10  # one flipped bit in the tensor's bytes
+    ...     _ = path.write_bytes(data)
+    ...     loaded = torch.load(path, weights_only=True)  # torch does not notice
+    ...     verdict = verify_checkpoint(path)
+    >>> verdict.ok
+    False
+    >>> print(*verdict.problems)
+    'archive/data/0': CRC32 mismatch: its 4000 bytes at offset ... hash to 0x..., the central directory records 0x...
+    """
+    if level not in LEVELS:
+        raise ValueError(f"level: expected one of {LEVELS}, got {level!r}")
+    path = pathlib.Path(path)
+    if not os.path.lexists(path):
+        raise CheckpointNotFoundError(f"{path}: no such checkpoint", str(path))
+    return _verify_tree(path, level) if _is_tree(path) else _verify_file(path, level)
+
+
+def _looks_like_checkpoint(path: pathlib.Path) -> bool:
+    """A ``.pt``/``.pth``/``.ckpt`` name, or a regular file that starts like a zip archive."""
+    if path.suffix in CHECKPOINT_SUFFIXES:
+        return True
+    try:
+        with open_regular(path) as file:
+            return file.read(4) == _ZIP_MAGIC
+    except OSError:
+        return False
+
+
+def checkpoints_in(directory: str | os.PathLike) -> list[pathlib.Path]:
+    """The checkpoints directly inside ``directory``: checkpoint files and sharded trees, sorted.
+
+    Hidden names (temporary files and trees) are skipped, and so are files that are
+    neither named like a checkpoint (``.pt``, ``.pth``, ``.ckpt``) nor zip archives.
+
+    >>> import tempfile, torch, ckptfn
+    >>> with tempfile.TemporaryDirectory() as directory:
+    ...     config = [ckptfn.Strategy("val_loss"), ckptfn.Every(1, filename="last.pt")]
+    ...     manager = ckptfn.CheckpointManager(directory, config)
+    ...     _ = manager.update({"val_loss": 0.5}, {"w": torch.ones(2)}, epoch=0)
+    ...     _ = pathlib.Path(directory, "notes.txt").write_text("not a checkpoint")
+    ...     [path.name for path in checkpoints_in(directory)]
+    ['best_val_loss.pt', 'last.pt']
+    """
+    directory = pathlib.Path(directory)
+    found = []
+    for entry in sorted(os.scandir(directory), key=lambda entry: entry.name):
+        path = directory / entry.name
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            if _is_tree(path):
+                found.append(path)
+        elif entry.is_file() and _looks_like_checkpoint(path):
+            found.append(path)
+    return found
+
+
+def verify_checkpoints(paths: Iterable[str | os.PathLike], *, level: str = "full") -> Iterator[Verdict]:
+    """``verify_checkpoint`` of each path in turn; a directory that is not a sharded tree
+    stands for the checkpoints in it (``checkpoints_in``). A checkpoint that vanishes
+    from a listed directory before its turn (pruned by a running training) is skipped.
+
+    >>> import tempfile, torch, ckptfn
+    >>> with tempfile.TemporaryDirectory() as directory:
+    ...     manager = ckptfn.CheckpointManager(directory, ckptfn.Strategy("val_loss"), sharded=True)
+    ...     _ = manager.update({"val_loss": 0.5}, {"w": torch.ones(8)}, epoch=0)
+    ...     [(pathlib.Path(v.path).name, v.ok) for v in verify_checkpoints([directory])]
+    [('best_val_loss.dcp', True)]
+    """
+    if level not in LEVELS:
+        raise ValueError(f"level: expected one of {LEVELS}, got {level!r}")
+    for path in map(pathlib.Path, paths):
+        if not path.is_dir() or _is_tree(path):
+            yield verify_checkpoint(path, level=level)
+            continue
+        for found in checkpoints_in(path):
+            try:
+                yield verify_checkpoint(found, level=level)
+            except CheckpointNotFoundError:
+                continue
+
