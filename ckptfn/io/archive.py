@@ -18,13 +18,15 @@ is never trusted. ``ckptfn.io.peek`` then scans ``data.pkl``.
 from __future__ import annotations
 
 import dataclasses
+import errno
+import io
 import re
 import struct
 import zipfile
 
 from ckptfn.core.errors import CheckpointError
 
-__all__ = ["Archive", "Damaged", "check_archive", "read_at"]
+__all__ = ["Archive", "Damaged", "Window", "check_archive", "read_at"]
 
 
 #: torch.save's version records hold a number; torch 2.13 reads versions 1 to 10.
@@ -234,3 +236,36 @@ def _check_records(file, archive: Archive) -> None:
             int(alignment)
         except ValueError:
             raise Damaged(f".storage_alignment record {alignment[:20]!r} is not a number") from None
+
+
+class Window(io.RawIOBase):
+    """Bytes ``[base, base + length)`` of an open file as a read-only seekable file (for ``zipfile``)."""
+
+    def __init__(self, file: io.BufferedReader, base: int, length: int) -> None:
+        super().__init__()
+        self._file, self._base, self._length, self._position = file, base, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        start = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._length}[whence]
+        if start + offset < 0:
+            raise OSError(errno.EINVAL, "seek before the start")
+        self._position = start + offset
+        return self._position
+
+    def readinto(self, buffer) -> int:
+        count = min(len(buffer), max(0, self._length - self._position))
+        if count == 0:
+            return 0
+        self._file.seek(self._base + self._position)
+        got = self._file.readinto(memoryview(buffer).cast("B")[:count]) or 0
+        self._position += got
+        return got

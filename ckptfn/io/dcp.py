@@ -29,19 +29,17 @@ import json
 import os
 import pathlib
 import pickle
-import stat
 import sys
 import types
 import warnings
 from collections.abc import Mapping
 
 from ckptfn.core.errors import CheckpointError, CheckpointNotFoundError, CheckpointWriteError, PayloadError
-from ckptfn.core.metadata import FORMAT, MAX_DEPTH, shape_problem
+from ckptfn.core.metadata import FORMAT, shape_problem
 from ckptfn.core.naming import DCP_SUFFIX
 from ckptfn.io import torch_internals, unpickle
-from ckptfn.io.fs import REAL, FileSystem, open_regular
-from ckptfn.io.archive import Damaged, check_archive, read_at
-from ckptfn.io.peek import scan
+from ckptfn.io.fs import REAL, FileSystem
+from ckptfn.io.trees import DCP_METADATA, Unsafe, check_blob, check_dcp_metadata, check_entries, open_in_tree, read_in_tree
 
 __all__ = [
     "DCP_SUFFIX",
@@ -54,7 +52,6 @@ __all__ = [
 ]
 
 METADATA_NAME = "ckptfn.json"
-_DCP_METADATA = ".metadata"
 
 
 def _exists(path: pathlib.Path) -> bool:
@@ -67,7 +64,7 @@ def _exists(path: pathlib.Path) -> bool:
 def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a directory holding a DCP checkpoint (has DCP's ``.metadata``)."""
     path = pathlib.Path(path)
-    return path.is_dir() and (path / _DCP_METADATA).is_file()
+    return path.is_dir() and (path / DCP_METADATA).is_file()
 
 
 def _listing(directory: pathlib.Path) -> str:
@@ -91,56 +88,12 @@ def _require_tree(path: pathlib.Path) -> None:
         raise CheckpointError(
             f"{path}: a file, not a sharded checkpoint directory (load it with ckptfn.load_checkpoint)"
         )
-    if not (path / _DCP_METADATA).is_file():
-        raise CheckpointError(f"{path}: not a complete torch.distributed.checkpoint directory (no {_DCP_METADATA})")
+    if not (path / DCP_METADATA).is_file():
+        raise CheckpointError(f"{path}: not a complete torch.distributed.checkpoint directory (no {DCP_METADATA})")
 
 
 #: The most bytes ``ckptfn.json`` may hold (metadata is small: at most MAX_VALUES values).
 MAX_METADATA_BYTES = 16 * 1024**2
-
-
-class _Unsafe(Exception):
-    """A file of the tree is not a regular file inside it (the message says which and why)."""
-
-
-def _open_in_tree(tree: pathlib.Path, name: object) -> tuple[io.BufferedReader, int]:
-    """``tree/name`` opened for reading, with its size, if it is a regular file directly inside
-    ``tree``: ``name`` one plain file name (no separator, not ``..``, not absolute), the entry
-    no symlink, FIFO or device (checked on the open file too, so a swap after the check is caught)."""
-    if type(name) is not str or name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name:
-        raise _Unsafe(f"{tree}: {name!r:.200} is not the name of a file inside the tree")
-    path = tree / name
-    try:
-        before = os.lstat(path)
-    except FileNotFoundError:
-        raise _Unsafe(f"{path}: missing") from None
-    except OSError as error:
-        raise _Unsafe(f"{path}: cannot be read ({error.strerror or error})") from None
-    if stat.S_ISLNK(before.st_mode):
-        raise _Unsafe(f"{path}: is a symlink (a tree's files are never links: it could point at another run's files)")
-    if not stat.S_ISREG(before.st_mode):
-        raise _Unsafe(f"{path}: not a regular file (a FIFO, device or socket is never part of a checkpoint)")
-    try:
-        file = open_regular(path)
-    except OSError as error:
-        raise _Unsafe(f"{path}: cannot be read ({error.strerror or error})") from None
-    after = os.fstat(file.fileno())
-    if (after.st_dev, after.st_ino) != (before.st_dev, before.st_ino):
-        file.close()
-        raise _Unsafe(f"{path}: was replaced while being opened")
-    return file, after.st_size
-
-
-def _read_in_tree(tree: pathlib.Path, name: str, limit: int) -> bytes:
-    """The bytes of ``tree/name`` (see ``_open_in_tree``), at most ``limit`` of them."""
-    file, size = _open_in_tree(tree, name)
-    with file:
-        if size > limit:
-            raise _Unsafe(f"{tree / name}: {size} bytes, more than the {limit} it may hold")
-        data = file.read(limit + 1)
-    if len(data) > limit:
-        raise _Unsafe(f"{tree / name}: more than the {limit} bytes it may hold")
-    return data
 
 
 def read_sharded_metadata(path: str | os.PathLike) -> dict:
@@ -158,8 +111,8 @@ def read_sharded_metadata(path: str | os.PathLike) -> dict:
             "torch.distributed.checkpoint.load"
         )
     try:
-        metadata = json.loads(_read_in_tree(path, METADATA_NAME, MAX_METADATA_BYTES).decode("utf-8"))
-    except _Unsafe as error:
+        metadata = json.loads(read_in_tree(path, METADATA_NAME, MAX_METADATA_BYTES).decode("utf-8"))
+    except Unsafe as error:
         raise CheckpointError(str(error)) from None
     except RecursionError:
         raise CheckpointError(f"{path / METADATA_NAME}: cannot be read (nested too deeply)") from None
@@ -172,29 +125,10 @@ def read_sharded_metadata(path: str | os.PathLike) -> dict:
     problem = shape_problem(metadata)
     if problem is not None:
         raise CheckpointError(f"{path / METADATA_NAME}: refused: {problem}")
-    _check_entries(path)
+    check_entries(path)
     return metadata
 
 
-def _check_entries(tree: pathlib.Path) -> None:
-    """Every entry of a tree is a regular file (DCP writes nothing else): a symlink, FIFO, device or
-    folder there is refused before any reader opens it."""
-    try:
-        entries = list(os.scandir(tree))
-    except OSError as error:
-        raise CheckpointError(f"{tree}: cannot be listed ({error.strerror or error})") from None
-    for entry in entries:
-        if entry.is_symlink():
-            raise CheckpointError(f"{tree / entry.name}: is a symlink (a tree's files are never links: it could point "
-                                  "at another run's files)")
-        if not entry.is_file(follow_symlinks=False):
-            raise CheckpointError(f"{tree / entry.name}: not a regular file (a FIFO, device, socket or folder is never "
-                                  "part of a sharded checkpoint)")
-
-
-#: Every global DCP's ``.metadata`` may name, exactly: what DCP writes for plain and sharded
-#: tensors and byte values (``tests/io/test_dcp.py`` lists them from real saves), besides
-#: torch sizes, dtypes and layouts, paths and ``OrderedDict``.
 _DCP_CLASSES = frozenset(
     [("torch.distributed.checkpoint.metadata", name) for name in (
         "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
@@ -241,110 +175,6 @@ def _safe_load_bytes(value: io.BytesIO, fqn: str) -> object:
         raise CheckpointError(f"value {fqn!r} does not load with torch.load(weights_only=True): {error}") from error
 
 
-class _Window(io.RawIOBase):
-    """``length`` bytes of ``file`` from ``offset``, as a seekable file of their own (never reads outside)."""
-
-    def __init__(self, file, offset: int, length: int) -> None:
-        super().__init__()
-        self._file, self._offset, self._length, self._at = file, offset, length, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._at
-
-    def seek(self, at: int, whence: int = 0) -> int:
-        base = (0, self._at, self._length)[whence]
-        self._at = min(max(base + at, 0), self._length)
-        return self._at
-
-    def read(self, size: int = -1) -> bytes:
-        size = self._length - self._at if size is None or size < 0 else min(size, self._length - self._at)
-        self._file.seek(self._offset + self._at)
-        data = self._file.read(size)
-        self._at += len(data)
-        return data
-
-    def readinto(self, buffer) -> int:
-        data = self.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
-
-
-def _check_blob(file, where: str, offset: int, length: int) -> None:
-    """One value of a shard file (a ``torch.save`` archive DCP will ``torch.load``), vetted as a
-    checkpoint file is: its zip structure, and a ``data.pkl`` that asks torch to allocate nothing
-    on its say-so (``ckptfn.io.peek``)."""
-    window = _Window(file, offset, length)
-    try:
-        archive = check_archive(window, length)
-        member = archive.prefix + "data.pkl"
-        scan(read_at(window, *archive.members[member]), f"{where}: {member}", archive.records())
-    except Damaged as error:
-        raise CheckpointError(f"{where}: not a torch.save archive ({error})") from None
-    except CheckpointError as error:
-        raise CheckpointError(f"{where}: {error}" if not str(error).startswith(where) else str(error)) from None
-
-
-def _product(numbers: object) -> int:
-    total = 1
-    for number in numbers:
-        if type(number) is not int or number < 0:
-            raise _Unsafe(f"size {tuple(numbers)!r:.80} is not made of non-negative ints")
-        total *= number
-    return total
-
-
-def _check_dcp_metadata(tree: pathlib.Path, metadata: object, classes: types.SimpleNamespace) -> None:
-    """Refuse a ``.metadata`` that would make DCP open a file outside the tree (or a link, FIFO
-    or device in it), read outside a file, decompress, allocate more than the shard files hold,
-    or build a list longer than the checkpoint has values."""
-    if type(metadata) is not classes.Metadata:
-        raise _Unsafe(f"holds a {type(metadata).__name__}, not DCP's Metadata")
-    storage, tensors, planner_data = metadata.storage_data, metadata.state_dict_metadata, metadata.planner_data
-    if type(storage) is not dict or type(tensors) is not dict or not isinstance(planner_data, (dict, type(None))):
-        raise _Unsafe("its storage_data, state_dict_metadata or planner_data is not a dict")
-    files: dict[str, int] = {}
-    stored: collections.Counter = collections.Counter()
-    for index, info in storage.items():
-        if type(index) is not classes.MetadataIndex or type(info) is not classes.StorageInfo:
-            raise _Unsafe(f"storage_data maps {type(index).__name__} to {type(info).__name__}")
-        if info.transform_descriptors:
-            raise _Unsafe(
-                f"{index.fqn!r:.80} is stored through DCP extensions {info.transform_descriptors!r:.80} (ckptfn writes none)"
-            )
-        name = info.relative_path
-        if name not in files:
-            file, files[name] = _open_in_tree(tree, name)
-            file.close()
-        if not (type(info.offset) is int and type(info.length) is int and 0 <= info.offset
-                and 0 <= info.length <= files[name] - info.offset):
-            raise _Unsafe(f"{index.fqn!r:.80}: bytes {info.offset!r:.20}+{info.length!r:.20} lie outside {tree / name}")
-        stored[index.fqn] += info.length
-    for fqn, entry in tensors.items():
-        if type(entry) is classes.BytesStorageMetadata:
-            continue
-        if type(entry) is not classes.TensorStorageMetadata or type(entry.chunks) is not list:
-            raise _Unsafe(f"{fqn!r:.80}: {type(entry).__name__} is not a DCP storage record")
-        numel = _product(entry.size)
-        held = sum(_product(chunk.sizes) for chunk in entry.chunks)
-        itemsize = getattr(entry.properties.dtype, "itemsize", 1)
-        if numel > held or held * itemsize > stored[fqn]:
-            raise _Unsafe(
-                f"{fqn!r:.80}: a tensor of {numel} elements in chunks of {held}, but its shards hold {stored[fqn]} bytes"
-            )
-    for fqn, where in (planner_data or {}).items():
-        if type(where) not in (tuple, list) or not 0 < len(where) <= MAX_DEPTH:
-            raise _Unsafe(f"planner_data[{fqn!r:.80}] is not a key path of at most {MAX_DEPTH} keys")
-        for key in where:
-            if not (type(key) is str or (type(key) is int and 0 <= key < len(tensors))):
-                raise _Unsafe(f"planner_data[{fqn!r:.80}]: key {key!r:.40} (a list index must be below {len(tensors)})")
-
-
 @functools.cache
 def _dcp():
     """DCP and ckptfn's safe reader/planners over it, built on first use (imports DCP)."""
@@ -372,8 +202,8 @@ def _dcp():
             if mode != "rb" or path.parent != self.tree:
                 raise CheckpointError(f"{path}: DCP asked to open it with {mode!r}; a reader only reads files of {self.tree}")
             try:
-                file, _ = _open_in_tree(self.tree, path.name)
-            except _Unsafe as error:
+                file, _ = open_in_tree(self.tree, path.name)
+            except Unsafe as error:
                 raise CheckpointError(str(error)) from None
             with file:
                 yield file
@@ -385,12 +215,12 @@ def _dcp():
             self.fs = TreeOnly(self.tree)
 
         def read_metadata(self, *args, **kwargs):
-            path = self.tree / _DCP_METADATA
+            path = self.tree / DCP_METADATA
             try:
-                file, _ = _open_in_tree(self.tree, _DCP_METADATA)
+                file, _ = open_in_tree(self.tree, DCP_METADATA)
                 with file:
                     metadata = unpickle.load(file, _resolve_metadata_global)
-            except _Unsafe as error:
+            except Unsafe as error:
                 raise CheckpointError(str(error)) from None
             except pickle.UnpicklingError as error:
                 raise CheckpointError(f"{path}: refused to unpickle ({error})") from None
@@ -404,7 +234,7 @@ def _dcp():
             return metadata
 
         def _slice_file(self, file, sinfo):
-            _check_blob(file, f"{self.tree / sinfo.relative_path} at {sinfo.offset}", sinfo.offset, sinfo.length)
+            check_blob(file, f"{self.tree / sinfo.relative_path} at {sinfo.offset}", sinfo.offset, sinfo.length)
             return super()._slice_file(file, sinfo)
 
     def load_bytes_safely(planner, super_load_bytes, read_item, value):
@@ -419,7 +249,7 @@ def _dcp():
 
     class Vetting:
         """A load planner for one tree that vets DCP's metadata against the tree before planning
-        (``_check_dcp_metadata``): before it allocates a tensor or DCP opens a file."""
+        (``check_dcp_metadata``): before it allocates a tensor or DCP opens a file."""
 
         def __init__(self, tree: str | os.PathLike, *args, **kwargs) -> None:
             super().__init__(*args, **kwargs)
@@ -427,9 +257,9 @@ def _dcp():
 
         def set_up_planner(self, state_dict, metadata=None, is_coordinator=False):
             try:
-                _check_dcp_metadata(self.tree, metadata, classes)
-            except _Unsafe as error:
-                where = self.tree / _DCP_METADATA
+                check_dcp_metadata(self.tree, metadata, classes)
+            except Unsafe as error:
+                where = self.tree / DCP_METADATA
                 raise CheckpointError(str(error) if str(error).startswith(str(self.tree)) else f"{where}: refused: {error}") from None
             super().set_up_planner(state_dict, metadata, is_coordinator)
 

@@ -166,6 +166,20 @@ def _ordered_dict(*args: object) -> collections.OrderedDict:
     raise _Refused(f"collections.OrderedDict{_shown(args)} is not how pickle stores an OrderedDict")
 
 
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def _size(*args: object) -> _Inert:
+    """``torch.Size`` as pickle spells it: ``Size()`` or ``Size(ints)``, each a 64-bit int, as torch accepts."""
+    if not args or (
+        len(args) == 1
+        and type(args[0]) in (tuple, list)
+        and all(_is_int(n) and _INT64[0] <= n <= _INT64[1] for n in args[0])
+    ):
+        return _Inert()
+    raise _Refused(f"torch.Size{_shown(args)} is not a size torch reads (one sequence of 64-bit ints)")
+
+
 def _shown(args: tuple) -> str:
     text = "(" + ", ".join(f"{type(a).__name__} {a!r:.40}" if type(a) in (int, str) else type(a).__name__ for a in args) + ")"
     return text if len(text) < 200 else text[:197] + "...)"
@@ -266,7 +280,7 @@ _TORCH: dict[tuple[str, str], object] = {
     },
     ("torch.storage", "UntypedStorage"): _StorageType(1),
     **{("torch", name): _Inert() for name in (*_DTYPES, *_QSCHEMES)},
-    ("torch", "Size"): _Inert,
+    ("torch", "Size"): _size,
     ("torch", "device"): _Inert,
     ("torch.serialization", "_get_layout"): _Inert,
     ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,

@@ -31,16 +31,12 @@ CRC-checked but not loaded (that would take the whole shard's memory).
 
 from __future__ import annotations
 
-import errno
 import io
 import itertools
 import os
 import pathlib
 import stat
-import struct
-import zipfile
-import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import attrs
 
@@ -48,7 +44,21 @@ from ckptfn.core.errors import CheckpointError, CheckpointNotFoundError
 from ckptfn.core.naming import DCP_SUFFIX
 from ckptfn.io.dcp import is_sharded_checkpoint
 from ckptfn.io.fs import open_regular
+from ckptfn.io.archive import Window
 from ckptfn.io.read import read_metadata
+from ckptfn.io.records import (
+    CHUNK,
+    CRC32_IMPLEMENTATION,
+    ZIP_MAGIC,
+    Unreadable,
+    check_records,
+    describe,
+    hash_range,
+    no_checksums_note,
+    open_archive,
+    read_range,
+    without_path,
+)
 
 __all__ = ["CRC32_IMPLEMENTATION", "LEVELS", "Verdict", "checkpoints_in", "verify_checkpoint", "verify_checkpoints"]
 
@@ -58,27 +68,7 @@ LEVELS = ("structure", "full")
 #: File name suffixes of checkpoint files (besides any file starting with the zip magic).
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
 
-_CHUNK = 1 << 20  # bytes per read: small enough to stay in the CPU's cache while it is hashed
-_ZIP_MAGIC = b"PK\x03\x04"
-_DESCRIPTOR_MAGIC = b"PK\x07\x08"
-#: A zip local file header: signature, version, flags, method, time, date, CRC32, sizes, name and extra lengths.
-_LOCAL_HEADER = struct.Struct("<4s5H3I2H")
-_DESCRIPTOR_FLAG = 0x08  # general purpose bit 3: CRC and sizes follow the data
-_UTF8_FLAG = 0x800
-_ZIP64_LIMIT = 0xFFFFFFFF
 _CHECKS = ("structure", "crc32", "read", "load")  # what a Verdict says was checked, in this order
-
-
-def _fastest_crc32() -> tuple[Callable[[bytes, int], int], str]:
-    """zlib-ng's CRC32 (SIMD, about 8x the standard library's) where installed, else zlib's."""
-    try:
-        from zlib_ng.zlib_ng import crc32
-    except ImportError:
-        return zlib.crc32, "zlib"
-    return crc32, "zlib-ng"
-
-
-_crc32, CRC32_IMPLEMENTATION = _fastest_crc32()
 
 
 @attrs.frozen
@@ -134,7 +124,7 @@ class _Tally:
     records: int = 0
     unchecked: int = 0  # records whose bytes were read but that carry no checksum
     bytes_read: int = 0
-    buffer: memoryview = attrs.Factory(lambda: memoryview(bytearray(_CHUNK)))
+    buffer: memoryview = attrs.Factory(lambda: memoryview(bytearray(CHUNK)))
 
     def did(self, check: str) -> None:
         if check not in self.checked:
@@ -143,208 +133,6 @@ class _Tally:
     def verdict(self, path: pathlib.Path, level: str) -> Verdict:
         checked = sorted(self.checked, key=_CHECKS.index)
         return Verdict(str(path), level, checked, self.problems, self.notes, self.records, self.bytes_read)
-
-
-class _Unreadable(Exception):
-    """A byte range could not be read in full (the message says where and why)."""
-
-
-class _Window(io.RawIOBase):
-    """Bytes ``[base, base + length)`` of an open file as a read-only seekable file (for ``zipfile``)."""
-
-    def __init__(self, file: io.BufferedReader, base: int, length: int) -> None:
-        super().__init__()
-        self._file, self._base, self._length, self._position = file, base, length, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._position
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        start = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._length}[whence]
-        if start + offset < 0:
-            raise OSError(errno.EINVAL, "seek before the start")
-        self._position = start + offset
-        return self._position
-
-    def readinto(self, buffer) -> int:
-        count = min(len(buffer), max(0, self._length - self._position))
-        if count == 0:
-            return 0
-        self._file.seek(self._base + self._position)
-        got = self._file.readinto(memoryview(buffer).cast("B")[:count]) or 0
-        self._position += got
-        return got
-
-
-# --- reading -----------------------------------------------------------------------------------
-
-
-def _read_at(file: io.BufferedReader, offset: int, size: int) -> bytes:
-    """Up to ``size`` bytes at ``offset`` (fewer at the end of the file)."""
-    file.seek(offset)
-    return file.read(size)
-
-
-def _hash_range(file: io.BufferedReader, offset: int, size: int, tally: _Tally) -> int:
-    """The CRC32 of ``size`` bytes at ``offset``, read in chunks; raises ``_Unreadable``."""
-    crc, done = 0, 0
-    try:
-        file.seek(offset)
-        while done < size:
-            view = tally.buffer[: min(_CHUNK, size - done)]
-            got = file.readinto(view)
-            if not got:
-                raise _Unreadable(f"the file ends at offset {offset + done}, inside it")
-            crc = _crc32(view[:got], crc)
-            done += got
-    except OSError as error:
-        raise _Unreadable(f"cannot be read at offset {offset + done} ({_describe(error)})") from error
-    finally:
-        tally.bytes_read += done
-    return crc
-
-
-def _describe(error: BaseException) -> str:
-    """``Type: first line of the message`` (at most 200 characters)."""
-    text = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
-    return f"{type(error).__name__}: {text[:200]}" if text else type(error).__name__
-
-
-def _without_path(path: pathlib.Path, error: BaseException) -> str:
-    """An error's message, without the leading ``path: `` the readers put there."""
-    return str(error).replace(f"{path}: ", "", 1)
-
-
-# --- zip records -------------------------------------------------------------------------------
-
-
-def _open_archive(file: io.BufferedReader, base: int, length: int) -> list[zipfile.ZipInfo] | None:
-    """The central directory of the zip archive at ``[base, base + length)``, or None if it does not parse."""
-    try:
-        return zipfile.ZipFile(_Window(file, base, length)).infolist()
-    except Exception:  # noqa: BLE001 - zipfile raises many types for a damaged archive
-        return None
-
-
-def _has_checksums(members: Iterable[zipfile.ZipInfo]) -> bool:
-    """False for an archive written without CRC32s: every record holding bytes records 0."""
-    return any(member.CRC != 0 for member in members if member.file_size > 0)
-
-
-def _date_time(date: int, time: int) -> tuple[int, ...]:
-    """A zip header's date and time fields, decoded as ``zipfile`` decodes the central directory's.
-
-    >>> _date_time(0, 0)
-    (1980, 0, 0, 0, 0, 0)
-    """
-    return ((date >> 9) + 1980, (date >> 5) & 0xF, date & 0x1F, time >> 11, (time >> 5) & 0x3F, (time & 0x1F) * 2)
-
-
-def _local_header_problems(header: tuple, name: bytes, member: zipfile.ZipInfo) -> list[str]:
-    """How a record's local header disagrees with its central directory entry (empty: it agrees)."""
-    _, version, flags, method, time, date, crc, compressed, size, _, _ = header
-    decoded = name.decode("utf-8" if flags & _UTF8_FLAG else "cp437", errors="replace")
-    found = []
-    for what, local, central in (
-        ("name", decoded, member.orig_filename),
-        ("version", version, member.extract_version | member.reserved << 8),  # zipfile splits the field
-        ("flags", flags, member.flag_bits),
-        ("method", method, member.compress_type),
-        ("date and time", _date_time(date, time), member.date_time),
-    ):
-        if local != central:
-            found.append(f"{what} {local!r} (the central directory says {central!r})")
-    sizes = (crc, compressed, size)
-    central = (member.CRC, min(member.compress_size, _ZIP64_LIMIT), min(member.file_size, _ZIP64_LIMIT))
-    expected = {central, (0, 0, 0), (0, _ZIP64_LIMIT, _ZIP64_LIMIT)} if flags & _DESCRIPTOR_FLAG else {central}
-    if sizes not in expected:
-        found.append(f"CRC32 and sizes {sizes} (the central directory says {central})")
-    return found
-
-
-def _descriptor_problem(descriptor: bytes, member: zipfile.ZipInfo) -> str | None:
-    """How a record's data descriptor (the CRC and sizes after its bytes) disagrees with the central directory."""
-    if descriptor[:4] == _DESCRIPTOR_MAGIC:
-        descriptor = descriptor[4:]
-    sizes = (member.compress_size, member.file_size)
-    if len(descriptor) >= 12 and struct.unpack_from("<I", descriptor)[0] == member.CRC:
-        if struct.unpack_from("<2I", descriptor, 4) == sizes:
-            return None
-        if len(descriptor) >= 20 and struct.unpack_from("<2Q", descriptor, 4) == sizes:
-            return None
-    return f"its data descriptor {descriptor[:20].hex()} disagrees with the central directory"
-
-
-def _check_record(
-    file: io.BufferedReader, base: int, length: int, member: zipfile.ZipInfo, checksums: bool, tally: _Tally, where: str
-) -> None:
-    """Check one record of the archive at ``[base, base + length)``: headers, then its bytes' CRC32."""
-    label = f"{where}{member.orig_filename!r}"
-    at = base + member.header_offset
-    try:
-        header = _read_at(file, at, _LOCAL_HEADER.size)
-        fields = _LOCAL_HEADER.unpack(header) if len(header) == _LOCAL_HEADER.size else None
-        if fields is None or fields[0] != _ZIP_MAGIC:
-            tally.problems.append(f"{label}: no local header at offset {at}")
-            return
-        name = _read_at(file, at + _LOCAL_HEADER.size, fields[9])
-    except OSError as error:
-        tally.problems.append(f"{label}: its header cannot be read at offset {at} ({_describe(error)})")
-        return
-    disagreements = _local_header_problems(fields, name, member)
-    if disagreements:
-        tally.problems.append(f"{label}: the local header at offset {at} has " + "; ".join(disagreements))
-    start = member.header_offset + _LOCAL_HEADER.size + fields[9] + fields[10]
-    end = start + member.compress_size
-    if end > length:
-        tally.problems.append(
-            f"{label}: its {member.compress_size} bytes at offset {base + start} run past the end "
-            f"of the {'record' if where else 'file'} (offset {base + length})"
-        )
-        return
-    try:
-        crc = _hash_range(file, base + start, member.compress_size, tally)
-        descriptor = _read_at(file, base + end, min(24, length - end)) if fields[2] & _DESCRIPTOR_FLAG else None
-    except (_Unreadable, OSError) as error:
-        tally.problems.append(f"{label}: {error}")
-        return
-    if checksums:
-        tally.records += 1
-        if crc != member.CRC:
-            tally.problems.append(
-                f"{label}: CRC32 mismatch: its {member.compress_size} bytes at offset {base + start} hash to "
-                f"{crc:#010x}, the central directory records {member.CRC:#010x}"
-            )
-    elif member.file_size:
-        tally.unchecked += 1
-    if descriptor is not None and (problem := _descriptor_problem(descriptor, member)):
-        tally.problems.append(f"{label}: {problem} (at offset {base + end})")
-
-
-def _check_archive(
-    file: io.BufferedReader, base: int, length: int, members: list[zipfile.ZipInfo], tally: _Tally, where: str = ""
-) -> None:
-    """Check every record of an archive whose central directory is ``members``."""
-    checksums = _has_checksums(members)
-    for member in members:
-        _check_record(file, base, length, member, checksums, tally, where)
-    if checksums:
-        tally.did("crc32")
-    tally.did("read")
-
-
-def _no_checksums_note(tally: _Tally, what: str) -> None:
-    if tally.unchecked:
-        tally.notes.append(
-            f"{what} written without checksums (checksums=False): the bytes of {tally.unchecked} records were "
-            "read but cannot be checked against a CRC32"
-        )
 
 
 # --- files -------------------------------------------------------------------------------------
@@ -357,7 +145,7 @@ def _check_load(path: pathlib.Path, tally: _Tally) -> None:
     try:
         torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:  # noqa: BLE001 - torch raises many types for damaged files
-        tally.problems.append(f"does not load with torch.load(weights_only=True): {_describe(error)}")
+        tally.problems.append(f"does not load with torch.load(weights_only=True): {describe(error)}")
     tally.did("load")
 
 
@@ -366,21 +154,21 @@ def _verify_file(path: pathlib.Path, level: str) -> Verdict:
     try:
         read_metadata(path)
     except CheckpointError as error:
-        tally.problems.append(_without_path(path, error))
+        tally.problems.append(without_path(path, error))
     tally.did("structure")
     if level == "full":
         try:
             with open_regular(path) as file:
                 length = os.fstat(file.fileno()).st_size
-                members = _open_archive(file, 0, length)
+                members = open_archive(file, 0, length)
                 if members is not None:
-                    _check_archive(file, 0, length, members, tally)
+                    check_records(file, 0, length, members, tally)
                 elif not tally.problems:  # pragma: no cover - read_metadata refuses such a file first
                     tally.problems.append("damaged zip archive: its central directory does not parse")
         except OSError as error:
             if not tally.problems:
-                tally.problems.append(f"cannot be read ({_describe(error)})")
-        _no_checksums_note(tally, "a file")
+                tally.problems.append(f"cannot be read ({describe(error)})")
+        no_checksums_note(tally, "a file")
         if not tally.problems:  # loading a damaged file would only repeat the news
             _check_load(path, tally)
     return tally.verdict(path, level)
@@ -457,7 +245,7 @@ def _open_shard(tree: pathlib.Path, name: str, users: int, tally: _Tally) -> io.
     except FileNotFoundError:
         tally.problems.append(f"{label}: missing")
     except OSError as error:
-        tally.problems.append(f"{label}: cannot be opened ({_describe(error)})")
+        tally.problems.append(f"{label}: cannot be opened ({describe(error)})")
     return None
 
 
@@ -470,19 +258,19 @@ def _check_item(file: io.BufferedReader, item: _Item, tally: _Tally, level: str)
         return
     if level != "full":
         return
-    archive = not item.transformed and _read_at(file, item.offset, min(4, item.length)) == _ZIP_MAGIC
-    members = _open_archive(file, item.offset, item.length) if archive else None
+    archive = not item.transformed and read_range(file, item.offset, min(4, item.length)) == ZIP_MAGIC
+    members = open_archive(file, item.offset, item.length) if archive else None
     if members is None:
         if archive:
             tally.problems.append(f"{label}: damaged torch.save archive (its central directory does not parse)")
         try:
-            _hash_range(file, item.offset, item.length, tally)
-        except _Unreadable as error:
+            hash_range(file, item.offset, item.length, tally)
+        except Unreadable as error:
             tally.problems.append(f"{label}: {error}")
         tally.did("read")
         return
     before = len(tally.problems)
-    _check_archive(file, item.offset, item.length, members, tally, where=f"{label}: ")
+    check_records(file, item.offset, item.length, members, tally, where=f"{label}: ")
     if item.is_bytes and len(tally.problems) == before:
         _check_value_loads(file, item, tally, label)
 
@@ -492,9 +280,9 @@ def _check_value_loads(file: io.BufferedReader, item: _Item, tally: _Tally, labe
     import torch  # here, not at import: the structure level needs no torch
 
     try:
-        torch.load(_Window(file, item.offset, item.length), map_location="cpu", weights_only=True)
+        torch.load(Window(file, item.offset, item.length), map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - torch raises many types for damaged bytes
-        tally.problems.append(f"{label}: does not load with torch.load(weights_only=True): {_describe(error)}")
+        tally.problems.append(f"{label}: does not load with torch.load(weights_only=True): {describe(error)}")
     tally.did("load")
 
 
@@ -504,12 +292,12 @@ def _verify_tree(path: pathlib.Path, level: str) -> Verdict:
     try:
         read_metadata(path)
     except CheckpointError as error:
-        tally.problems.append(_without_path(path, error))
+        tally.problems.append(without_path(path, error))
     try:
         items = _items(_dcp_metadata(path), tally)
     except Exception as error:  # noqa: BLE001 - a damaged pickle raises many types
         if (path / ".metadata").is_file():  # else read_metadata said it already
-            tally.problems.append(f"'.metadata': cannot be read ({_describe(error)})")
+            tally.problems.append(f"'.metadata': cannot be read ({describe(error)})")
         return tally.verdict(path, level)
     for name, group in itertools.groupby(items, key=lambda item: item.file):
         group = list(group)
@@ -520,7 +308,7 @@ def _verify_tree(path: pathlib.Path, level: str) -> Verdict:
             for item in group:
                 _check_item(file, item, tally, level)
     if level == "full":
-        _no_checksums_note(tally, "a tree")
+        no_checksums_note(tally, "a tree")
     return tally.verdict(path, level)
 
 
@@ -568,7 +356,7 @@ def _looks_like_checkpoint(path: pathlib.Path) -> bool:
         return True
     try:
         with open_regular(path) as file:
-            return file.read(4) == _ZIP_MAGIC
+            return file.read(4) == ZIP_MAGIC
     except OSError:
         return False
 

@@ -48,7 +48,7 @@ from ckptfn.core.snapshot import partition
 from ckptfn.core.state import State
 from ckptfn.io.payload import prepare_payload
 from ckptfn.io.staging import StagingBuffers
-from ckptfn.io.write import Written, serialization_context, write
+from ckptfn.io.write import Written, interrupts_deferred, serialization_context, write
 from ckptfn.shells.recipe import plan
 
 __all__ = ["AsyncExecutor", "ClosesOnExit", "StagingBuffers", "serialization_context"]
@@ -204,13 +204,16 @@ class AsyncExecutor(ClosesOnExit):
         if self._pool is None:
             self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ckptfn-writer")
         context = serialization_context(self.checksums)
-        self._released.clear()
-        try:
-            self._future = self._pool.submit(context.run, self._run, job)
-        except BaseException:
-            self._released.set()
-            raise
-        _LIVE.add(self)
+        # Queued and recorded as one step: an interrupt between the two would leave a write
+        # running that nobody waits for (and the staging buffers released while it reads them).
+        with interrupts_deferred():
+            self._released.clear()
+            try:
+                self._future = self._pool.submit(context.run, self._run, job)
+            except BaseException:
+                self._released.set()
+                raise
+            _LIVE.add(self)
         return tuple(paths)
 
     def _run(self, job: Write) -> Written:

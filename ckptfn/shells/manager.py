@@ -27,7 +27,7 @@ from ckptfn.core.state import State, restore
 from ckptfn.core.step import best_values, init, step
 from ckptfn.core.summary import summary_lines
 from ckptfn.io.read import load_checkpoint, read_metadata, restore_from_directory
-from ckptfn.io.write import serialization_context, versions, write
+from ckptfn.io.write import interrupts_deferred, serialization_context, versions, write
 from ckptfn.shells.background import AsyncExecutor, ClosesOnExit, raise_as_write_error
 from ckptfn.shells.distributed import SOLO, Coordinator, find_group
 from ckptfn.shells.recipe import plan, report_skips, state_to_keep, utc_now
@@ -179,8 +179,9 @@ class CheckpointManager(ClosesOnExit):
         self._in_doubt = True
         if self._writer is not None:
             job = lambda hook: write(self.output_dir, snapshot, staged, on_serialized=hook)  # noqa: E731
-            paths = self._writer.start(job, [self.output_dir / name for name in snapshot.filenames])
-            self._in_flight, self._state, self._in_doubt = old, new, False
+            with interrupts_deferred():  # handed over and committed together
+                paths = self._writer.start(job, [self.output_dir / name for name in snapshot.filenames])
+                self._in_flight, self._state, self._in_doubt = old, new, False
             return list(paths)
         written = serialization_context(self.checksums).run(write, self.output_dir, snapshot, model_state_dict)
         self._state = state_to_keep(self.config, self.output_dir, old, new, written)

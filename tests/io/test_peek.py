@@ -226,3 +226,34 @@ def test_the_scan_is_linear_and_small_on_a_big_real_pickle():
     started = time.perf_counter()
     scanned = scan(data, "x", records)
     assert time.perf_counter() - started < 1.0 and not scanned.foreign and len(scanned.loaded["state_dict"]) == 3000
+
+
+# --- found by the full-size fuzzer: a torch.Size that torch's loader refuses ----------------------
+
+
+@pytest.mark.parametrize(
+    "spelled",
+    [b"K\x03\x85q\x05R", b"\x8a\x09\x01\x00\x00\x00\x00\x00\x00\x80\x00\x85q\x05\x85q\x06R"],
+    ids=["Size(3)", "Size((2**63 + 1,))"],
+)
+def test_a_size_torch_cannot_build_is_refused_as_torch_refuses_it(tmp_path, spelled):
+    """``torch.Size(3)`` (an int, not a sequence) and a size beyond 64 bits: torch's loader fails on them,
+    so read_metadata (and so resume) must refuse them too, never vouch for a file that cannot load."""
+    import io as _io
+    import zipfile
+
+    from tests.reliability.hostile import replace_member
+
+    buffer = _io.BytesIO()
+    torch.save({"state_dict": {"shape": torch.Size([3])}, "metadata": {"format": "ckptfn/1", "saves": []}}, buffer)
+    with zipfile.ZipFile(buffer) as archive:
+        (member,) = [n for n in archive.namelist() if n.endswith("data.pkl")]
+        pickled = archive.read(member)
+    spelling = b"K\x03\x85q\x05\x85q\x06R"  # how pickle spells Size((3,)), memo puts included
+    assert spelling in pickled
+    path = tmp_path / "odd.pt"
+    path.write_bytes(replace_member(buffer.getvalue(), "data.pkl", pickled.replace(spelling, spelled)))
+    with pytest.raises(ckptfn.CheckpointError):
+        ckptfn.load_checkpoint(path)
+    with pytest.raises(ckptfn.CheckpointError, match="torch.Size"):
+        ckptfn.read_metadata(path)
