@@ -8,7 +8,7 @@ surrogate in a file can never reach the terminal as such.
 
 from __future__ import annotations
 
-__all__ = ["UserError", "described", "printable", "shown"]
+__all__ = ["UserError", "described", "human_size", "printable", "shown"]
 
 
 def printable(text: object, limit: int | None = None) -> str:
@@ -73,3 +73,16 @@ class UserError(Exception):
 
     def __str__(self) -> str:
         return printable(super().__str__())
+
+
+def human_size(n: int) -> str:
+    """A byte count for people.
+
+    >>> human_size(512), human_size(3 * 2**20), human_size(2**30)
+    ('512 B', '3.0 MiB', '1.0 GiB')
+    """
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"

@@ -17,7 +17,7 @@ import os
 import pathlib
 from collections.abc import Mapping, Sequence
 
-from ckptfn.cli.errors import UserError, described, printable
+from ckptfn.cli.errors import UserError, described, human_size, printable
 from ckptfn.core.errors import CheckpointError
 from ckptfn.core.naming import DCP_SUFFIX, archived_of
 from ckptfn.io.read import read_metadata
@@ -29,13 +29,6 @@ _MAX_EPOCH = 2**63
 _NOTES = 5  # odd fields a row lists before "and N more"
 _DESCRIBED = 8  # saves the "chosen by" cell describes before "N more"
 
-
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
 
 
 def _json_number(value: object) -> object:
@@ -232,7 +225,7 @@ def format_table(rows: Sequence[dict]) -> str:
             "?" if _odd_field(row, "epoch") else "" if row["epoch"] is None else str(row["epoch"]),
             _chosen_by(row),
             "?" if _odd_field(row, "timestamp") else printable((row["timestamp"] or "")[:19].replace("T", " ")),
-            "" if row["size"] is None else _size(row["size"]),
+            "" if row["size"] is None else human_size(row["size"]),
         )
         for row in rows
     ]

@@ -15,27 +15,15 @@ from collections.abc import Iterable
 
 import attrs
 
-from ckptfn.cli.errors import UserError, printable
+from ckptfn.cli.errors import UserError, human_size, printable
 from ckptfn.io.verify import Verdict, verify_checkpoints
 
 __all__ = ["cmd_verify", "format_verdict"]
 
 
-def _size(n: int) -> str:
-    """A byte count for people.
-
-    >>> _size(512), _size(3 * 2**20), _size(2**30)
-    ('512 B', '3.0 MiB', '1.0 GiB')
-    """
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
-
 
 def _what_was_checked(verdict: Verdict) -> str:
-    names = {"crc32": f"crc32 of {verdict.records} records", "read": f"{_size(verdict.bytes_read)} read",
+    names = {"crc32": f"crc32 of {verdict.records} records", "read": f"{human_size(verdict.bytes_read)} read",
              "load": "loads with weights_only"}
     return ", ".join(names.get(check, check) for check in verdict.checked)
 
