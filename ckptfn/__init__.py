@@ -14,7 +14,7 @@ first use.
 
 import importlib
 
-from ckptfn.core.actions import Periodic, Save, Skip, improved
+from ckptfn.core.actions import Enter, Periodic, Save, Skip, improved
 from ckptfn.core.config import Config
 from ckptfn.core.step import Action, best_values, init, new_skips, scan, step
 from ckptfn.core.errors import (
@@ -23,6 +23,7 @@ from ckptfn.core.errors import (
     CheckpointWriteError,
     ConfigError,
     MetricTypeError,
+    MissingMetricError,
     MetricWarning,
     PayloadError,
 )
@@ -30,7 +31,7 @@ from ckptfn.core.every import Every
 from ckptfn.core.metrics import MISSING, lookup
 from ckptfn.io.read import load_checkpoint, read_metadata, restore_from_directory
 from ckptfn.io.verify import Verdict, verify_checkpoint
-from ckptfn.core.state import Best, Last, State, restore
+from ckptfn.core.state import Best, Last, Member, State, restore
 from ckptfn.core.strategy import Strategy
 from ckptfn._version import __version__
 
@@ -44,11 +45,14 @@ __all__ = [
     "CheckpointWriteError",
     "Config",
     "ConfigError",
+    "Enter",
     "Every",
     "Last",
+    "Member",
     "MISSING",
     "MetricTypeError",
     "MetricWarning",
+    "MissingMetricError",
     "PayloadError",
     "Periodic",
     "Save",

@@ -62,13 +62,18 @@ def strategies_for(draw, metric_name: str, *, min_delta=min_deltas, filename=Non
 
 @st.composite
 def configs(draw, *, min_delta=min_deltas, max_strategies: int = 4) -> ckptfn.Config:
-    """1..max_strategies strategies over METRIC_NAMES, possibly several per metric."""
+    """1..max_strategies strategies over METRIC_NAMES, possibly several per metric.
+
+    ``on_missing="warn"``: histories here miss metrics at any epoch, the first included,
+    to exercise skips; ``on_missing="error"`` has its own properties (tests/core/test_on_missing.py).
+    """
     names = draw(st.lists(st.sampled_from(METRIC_NAMES), min_size=1, max_size=max_strategies))
     return ckptfn.Config(
         tuple(
             draw(strategies_for(name, min_delta=min_delta, filename=f"s{index}_{name}.pt"))
             for index, name in enumerate(names)
-        )
+        ),
+        on_missing="warn",
     )
 
 
@@ -135,7 +140,7 @@ def mixed_configs(draw, *, min_delta=min_deltas, max_strategies: int = 4) -> ckp
     for index in range(draw(st.integers(1, 2))):
         position = draw(st.integers(0, len(strategies)))
         strategies.insert(position, draw(everys(filename=f"every{index}.pt")))
-    return ckptfn.Config(tuple(strategies))
+    return ckptfn.Config(tuple(strategies), on_missing="warn")
 
 
 @st.composite

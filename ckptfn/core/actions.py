@@ -5,9 +5,13 @@ effect except what only the shell knows (the clock and the file system).
 Dispatch on them with ``match``::
 
     match action:
-        case Save(strategy=s, value=v): ...
+        case Save(strategy=s, value=v): ...    # a new best, at s.filename
+        case Enter(name=n): ...                # a top-k member that is not the best, at n
         case Periodic(strategy=every): ...
         case Skip(reason="missing"): ...
+
+Every action records the decision's position: ``epoch`` and, when the shell knows
+it, ``global_step``.
 """
 
 from __future__ import annotations
@@ -19,9 +23,10 @@ import attrs
 
 from ckptfn.core.errors import ConfigError
 from ckptfn.core.every import Every
+from ckptfn.core.naming import member_of
 from ckptfn.core.strategy import Strategy
 
-__all__ = ["SKIP_REASONS", "Periodic", "Save", "Skip", "improved"]
+__all__ = ["SKIP_REASONS", "Enter", "Periodic", "Save", "Skip", "improved"]
 
 SKIP_REASONS = ("missing", "not_finite")
 
@@ -44,8 +49,26 @@ def improved(mode: str, best: float | None, value: float, min_delta: float = 0.0
 
 
 def _check_epoch(_inst: object, attribute: attrs.Attribute, value: object) -> None:
+    if value is None and attribute.name == "global_step":
+        return
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"{attribute.name} must be an int >= 0, got {value!r}")
+
+
+def _names(value: object) -> tuple:
+    return tuple(value)
+
+
+def _check_members(inst: object, attribute: attrs.Attribute, value: object) -> None:
+    """``aside``, ``name`` and ``leaves`` are top-k member names of the strategy's filename."""
+    names = (value,) if isinstance(value, str) or value is None else value
+    for name in names:
+        if name is None:
+            continue
+        if not isinstance(name, str) or not member_of(name, inst.strategy.filename):
+            raise ValueError(f"{attribute.name}: {name!r} is not a top-k member name of {inst.strategy.filename!r}")
+    if attribute.name != "name" and names and inst.strategy.top_k == 1 and any(n is not None for n in names):
+        raise ValueError(f"{attribute.name}: {inst.strategy.filename!r} keeps no top-k members (top_k=1)")
 
 
 def _check_finite(_inst: object, attribute: attrs.Attribute, value: object) -> None:
@@ -86,10 +109,48 @@ class Save:
     previous: float | None = attrs.field(
         converter=_optional_float, validator=[_check_finite, _check_improves]
     )
+    global_step: int | None = attrs.field(default=None, kw_only=True, validator=_check_epoch)
+    #: top-k: the member name the previous best moves to before this one takes ``filename``
+    aside: str | None = attrs.field(default=None, kw_only=True, validator=_check_members)
+    #: top-k: the member names that leave the top k (deleted once this save is committed)
+    leaves: tuple[str, ...] = attrs.field(default=(), kw_only=True, converter=_names, validator=_check_members)
 
     @property
     def filename(self) -> str:
+        """The name this snapshot is published under: the strategy's file."""
         return self.strategy.filename
+
+
+@attrs.frozen
+class Enter:
+    """Top-k: this snapshot enters the ``strategy.top_k`` best without being the new best;
+    it is published as ``name`` (a member name, see ``ckptfn.core.naming.member_name``)
+    and the members in ``leaves`` are deleted once it is committed. ``kth`` is the value
+    it beat (None while the top k was not full).
+
+    >>> s = Strategy("val_acc", mode="max", top_k=3)
+    >>> Enter(s, 4, 0.55, "best_val_acc-epoch=4.pt", kth=0.5, leaves=["best_val_acc-epoch=0.pt"]).filename
+    'best_val_acc-epoch=4.pt'
+    """
+
+    strategy: Strategy = attrs.field(validator=attrs.validators.instance_of(Strategy))
+    epoch: int = attrs.field(validator=_check_epoch)
+    value: float = attrs.field(converter=_optional_float, validator=_check_finite)
+    name: str = attrs.field(validator=_check_members)
+    kth: float | None = attrs.field(default=None, kw_only=True, converter=_optional_float)
+    global_step: int | None = attrs.field(default=None, kw_only=True, validator=_check_epoch)
+    leaves: tuple[str, ...] = attrs.field(default=(), kw_only=True, converter=_names, validator=_check_members)
+
+    def __attrs_post_init__(self) -> None:
+        if self.strategy.top_k < 2:
+            raise ValueError(f"Enter: {self.strategy.filename!r} keeps no top-k members (top_k=1)")
+        if self.kth is not None and not improved(self.strategy.mode, self.kth, self.value, self.strategy.min_delta):
+            raise ValueError(f"Enter of {self.strategy.metric_name!r}: {self.value!r} does not beat the k-th best {self.kth!r}")
+
+    @property
+    def filename(self) -> str:
+        """The name this snapshot is published under: its member name."""
+        return self.name
 
 
 @attrs.frozen
@@ -108,6 +169,9 @@ class Skip:
     epoch: int = attrs.field(validator=_check_epoch)
     reason: str = attrs.field(validator=attrs.validators.in_(SKIP_REASONS))
     value: float | None = attrs.field(default=None, converter=_optional_float, eq=False)
+    global_step: int | None = attrs.field(default=None, kw_only=True, validator=_check_epoch)
+    #: for a missing metric: the metric names there were (for the message), at most ``MAX_LISTED``
+    available: tuple[str, ...] = attrs.field(default=(), kw_only=True, converter=_names, eq=False)
 
     @property
     def filename(self) -> str:
@@ -115,7 +179,8 @@ class Skip:
 
     def __str__(self) -> str:
         what = "is missing" if self.reason == "missing" else f"is not finite ({self.value!r})"
-        return f"{self.strategy.metric_name} {what} at epoch {self.epoch}; {self.filename} not saved"
+        step = "" if self.global_step is None else f", step {self.global_step}"
+        return f"{self.strategy.metric_name} {what} at epoch {self.epoch}{step}; {self.filename} not saved"
 
 
 @attrs.frozen
@@ -128,6 +193,7 @@ class Periodic:
 
     strategy: Every = attrs.field(validator=attrs.validators.instance_of(Every))
     epoch: int = attrs.field(validator=_check_epoch)
+    global_step: int | None = attrs.field(default=None, kw_only=True, validator=_check_epoch)
 
     @property
     def filename(self) -> str:

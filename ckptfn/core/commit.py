@@ -20,6 +20,7 @@ from collections.abc import Iterable
 
 import attrs
 
+from ckptfn.core.naming import member_of
 from ckptfn.core.state import State
 
 __all__ = ["Outcome", "commit", "roll_back"]
@@ -67,8 +68,16 @@ class Outcome:
         return not self.succeeded and bool(self.published)
 
 
+def _writes(strategy: object, names: frozenset[str]) -> bool:
+    """Whether a write of ``names`` was (also) this strategy's: its file or a top-k member's."""
+    if strategy.filename in names:
+        return True
+    return getattr(strategy, "top_k", 1) > 1 and any(member_of(name, strategy.filename) for name in names)
+
+
 def roll_back(state: State, on_disk: State, filenames: Iterable[str]) -> State:
-    """``state`` with the bests of the strategies writing ``filenames`` taken from ``on_disk``.
+    """``state`` with the bests of the strategies writing ``filenames`` (their files, or top-k
+    member names of them) taken from ``on_disk``.
 
     Those strategies believe again what their files hold (so the next epoch retries);
     the others and ``steps`` stay.
@@ -86,7 +95,7 @@ def roll_back(state: State, on_disk: State, filenames: Iterable[str]) -> State:
         raise ValueError("roll_back: both states must have the same config")
     names = frozenset(filenames)
     bests = tuple(
-        disk if strategy.filename in names else mine
+        disk if _writes(strategy, names) else mine
         for strategy, mine, disk in zip(state.config.strategies, state.bests, on_disk.bests)
     )
     return State(state.config, bests, state.steps)

@@ -13,14 +13,14 @@ from collections.abc import Iterable, Mapping, Sequence
 import attrs
 
 from ckptfn.core.errors import ConfigError, _join_path
-from ckptfn.core.every import EVERY_KEYS, Every
-from ckptfn.core.naming import archived_of, dcp_name
-from ckptfn.core.strategy import Strategy, check_bool
+from ckptfn.core.every import EVERY_KEYS, TRIGGER_KEYS, Every
+from ckptfn.core.naming import archived_of, dcp_name, member_of
+from ckptfn.core.strategy import ON_MISSING, Strategy, check_bool
 
 __all__ = ["STRATEGY_KEYS", "Config", "as_config", "parse_strategy"]
 
 STRATEGY_KEYS = tuple(field.name for field in attrs.fields(Strategy))
-_WRAPPER_KEYS = ("enabled", "strategies")
+_WRAPPER_KEYS = ("enabled", "strategies", "on_missing")
 _PLAIN_DATA_HINT = "(use Config.from_mapping for plain data)"
 
 
@@ -83,6 +83,12 @@ def _archive_name_clash(strategies: tuple, prefix: str) -> ConfigError | None:
                     f"({_join_path(prefix, f'[{other}]')}); choose a name that is not <stem>_<UTC stamp><suffix>",
                     _join_path(prefix, f"[{index}].filename"),
                 )
+            if other != index and getattr(owner, "top_k", 1) > 1 and member_of(strategy.filename, owner.filename):
+                return ConfigError(
+                    f"{strategy.filename!r} has the form of a top-k member of {owner.filename!r} "
+                    f"({_join_path(prefix, f'[{other}]')}), whose top_k would delete it; choose another name",
+                    _join_path(prefix, f"[{index}].filename"),
+                )
     return None
 
 
@@ -112,6 +118,11 @@ def _tree_name_clash(strategies: tuple, prefix: str) -> ConfigError | None:
     return None
 
 
+def _check_on_missing(_inst: object, attribute: attrs.Attribute, value: object) -> None:
+    if value not in ON_MISSING:
+        raise ConfigError(f"{value!r} is not one of 'error', 'warn'", attribute.name)
+
+
 @attrs.frozen
 class Config:
     """An ordered set of strategies; ``enabled=False`` or no strategies turns checkpointing off.
@@ -129,6 +140,20 @@ class Config:
         default=(), converter=_to_strategies, validator=_check_unique_filenames
     )
     enabled: bool = attrs.field(default=True, validator=check_bool)
+    on_missing: str = attrs.field(default="error", kw_only=True, validator=_check_on_missing)
+
+    def __repr__(self) -> str:
+        missing = "" if self.on_missing == "error" else f", on_missing={self.on_missing!r}"
+        return f"Config(strategies={self.strategies!r}, enabled={self.enabled!r}{missing})"
+
+    def on_missing_of(self, strategy: Strategy) -> str:
+        """What ``strategy`` does when its metric is missing before its first save: its own
+        ``on_missing``, else the config's.
+
+        >>> Config([Strategy("a")], on_missing="warn").on_missing_of(Strategy("a", on_missing="error"))
+        'error'
+        """
+        return strategy.on_missing or self.on_missing
 
     def check_sharded(self) -> Config:
         """This config, if it can be saved as sharded checkpoints (one ``.dcp`` directory per
@@ -156,7 +181,8 @@ class Config:
         Accepts ``None`` (disabled), one strategy mapping, a sequence of strategy
         mappings, or ``{"enabled": bool, "strategies": [...]}``; a ``Config``, a
         ``Strategy``/``Every`` or such items in the sequence pass through. A mapping
-        with ``every_n_epochs`` (instead of ``metric_name``) is an ``Every``.
+        with ``every_n_epochs``, ``every_n_steps`` or ``every_seconds`` (instead of
+        ``metric_name``) is an ``Every``. The wrapper may set ``on_missing``.
 
         >>> Config.from_mapping([{"metric_name": "val_corr", "mode": "max"}]).strategies[0].filename
         'best_val_corr.pt'
@@ -165,7 +191,7 @@ class Config:
         >>> Config.from_mapping([{"metric_name": "val_loss", "mdoe": "max"}])
         Traceback (most recent call last):
         ...
-        ckptfn.ConfigError: [0]: unknown key 'mdoe' (did you mean 'mode'?); valid keys: metric_name, mode, filename, overwrite, min_delta, keep
+        ckptfn.ConfigError: [0]: unknown key 'mdoe' (did you mean 'mode'?); valid keys: metric_name, mode, filename, overwrite, min_delta, keep, top_k, on_missing
         >>> Config.from_mapping([{"metric_name": "val_loss"}, {"every_n_epochs": 2, "filename": "last.ckpt"}]).strategies[1]
         Every(n_epochs=2, filename='last.ckpt', overwrite=True, keep=None)
         """
@@ -198,24 +224,30 @@ def _parse_every(items: list[tuple[str, object]], path: str) -> Every:
         if key not in EVERY_KEYS:
             raise _unknown_key(key, EVERY_KEYS, path)
         if not (key == "filename" and value is None):
-            fields["n_epochs" if key == "every_n_epochs" else key] = value
+            fields[TRIGGER_KEYS.get(key, key)] = value
     try:
         return Every(**fields)
     except ConfigError as error:
-        where = "every_n_epochs" if error.path == "n_epochs" else error.path
-        raise ConfigError(error.detail, where).within(path) from None
+        where = {field: key for key, field in TRIGGER_KEYS.items()}.get(error.path, error.path)
+        detail = error.detail
+        for key, field in TRIGGER_KEYS.items():
+            detail = detail.replace(f"{field}=", f"{key}=")
+        raise ConfigError(detail, where).within(path) from None
 
 
 def parse_strategy(obj: object, path: str = "") -> Strategy | Every:
     """One strategy from a mapping of its fields (or a ``Strategy``/``Every``, passed through).
 
     A ``filename`` of None means the default name; a mapping with
-    ``every_n_epochs`` instead of ``metric_name`` is an ``Every``.
+    ``every_n_epochs``, ``every_n_steps`` or ``every_seconds`` instead of
+    ``metric_name`` is an ``Every``.
 
     >>> parse_strategy({"metric_name": "loss_components.concordance", "filename": None}).filename
     'best_loss_components_concordance.pt'
     >>> parse_strategy({"every_n_epochs": 5, "filename": None})
     Every(n_epochs=5, filename='last.pt', overwrite=True, keep=None)
+    >>> parse_strategy({"every_n_steps": 500, "filename": "last.ckpt"})
+    Every(n_steps=500, filename='last.ckpt', overwrite=True, keep=None)
     """
     if isinstance(obj, (Strategy, Every)):
         return obj
@@ -223,12 +255,13 @@ def parse_strategy(obj: object, path: str = "") -> Strategy | Every:
         raise ConfigError(f"expected a strategy mapping, got {type(obj).__name__} {obj!r}", path)
     items = _items(obj, path)
     keys = {key for key, _ in items}
-    if "every_n_epochs" in keys:
+    trigger = next((key for key in TRIGGER_KEYS if key in keys), None)
+    if trigger is not None:
         if "metric_name" in keys:
             raise ConfigError(
-                "a strategy either watches a metric (metric_name) or saves every n epochs "
-                "(every_n_epochs), not both",
-                _join_path(path, "every_n_epochs"),
+                f"a strategy either watches a metric (metric_name) or saves periodically "
+                f"({trigger}), not both",
+                _join_path(path, trigger),
             )
         return _parse_every(items, path)
     fields = {}
@@ -263,11 +296,12 @@ def _parse_wrapper(obj: Mapping) -> Config:
     fields = dict(_items(obj, ""))
     for key in fields:
         if key not in _WRAPPER_KEYS:
-            raise _unknown_key(key, _WRAPPER_KEYS + STRATEGY_KEYS + EVERY_KEYS[:1], "")
+            raise _unknown_key(key, _WRAPPER_KEYS + STRATEGY_KEYS + tuple(TRIGGER_KEYS), "")
     enabled = fields.get("enabled", True)
     if not isinstance(enabled, bool):
         raise ConfigError(f"expected true or false, got {type(enabled).__name__} {enabled!r}", "enabled")
-    return Config(_parse_sequence(fields.get("strategies"), "strategies"), enabled=enabled)
+    on_missing = fields.get("on_missing", "error")
+    return Config(_parse_sequence(fields.get("strategies"), "strategies"), enabled=enabled, on_missing=on_missing)
 
 
 def as_config(obj: object) -> Config:
@@ -283,7 +317,7 @@ def as_config(obj: object) -> Config:
     if isinstance(obj, (Strategy, Every)):
         return Config((obj,))
     if isinstance(obj, Mapping):
-        if any(key in STRATEGY_KEYS or key in EVERY_KEYS for key in obj):
+        if any((key in STRATEGY_KEYS or key in EVERY_KEYS) and key not in _WRAPPER_KEYS for key in obj):
             return Config((parse_strategy(obj),))
         return _parse_wrapper(obj)
     if isinstance(obj, Sequence) and not isinstance(obj, (str, bytes)):

@@ -17,6 +17,7 @@ __all__ = [
     "ConfigError",
     "MetricTypeError",
     "MetricWarning",
+    "MissingMetricError",
     "PayloadError",
 ]
 
@@ -73,6 +74,25 @@ class MetricTypeError(TypeError):
     __module__ = "ckptfn"
 
 
+class MissingMetricError(LookupError):
+    """A watched metric is missing before its strategy's first save: almost always a typo
+    or a logging mistake, so ``step`` refuses the decision (``on_missing="error"``, the
+    default). The message lists the metrics there are and the closest name.
+
+    >>> import ckptfn
+    >>> state = ckptfn.init(ckptfn.Strategy("val_los"))
+    >>> ckptfn.step(state, {"val_loss": 0.5, "train_loss": 0.7}, epoch=0)
+    Traceback (most recent call last):
+    ...
+    ckptfn.MissingMetricError: metric 'val_los' (best_val_los.pt) is missing; the metrics are: train_loss, val_loss (did you mean 'val_loss'?). Fix the name, or pass on_missing='warn' if it appears only later
+    """
+
+    __module__ = "ckptfn"
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 class MetricWarning(UserWarning):
     """A monitored metric was missing or not finite, so its strategy skipped.
 
@@ -82,11 +102,11 @@ class MetricWarning(UserWarning):
     >>> import tempfile, warnings, ckptfn
     >>> with tempfile.TemporaryDirectory() as directory, warnings.catch_warnings(record=True) as caught:
     ...     warnings.simplefilter("always")
-    ...     manager = ckptfn.CheckpointManager(directory, ckptfn.Strategy("val_loss"))
+    ...     manager = ckptfn.CheckpointManager(directory, ckptfn.Strategy("val_loss", on_missing="warn"))
     ...     manager.update({"train_loss": 0.3}, {}, epoch=0)  # no val_loss: nothing saved
     []
     >>> [(w.category.__name__, str(w.message)) for w in caught]
-    [('MetricWarning', 'val_loss is missing at epoch 0; best_val_loss.pt not saved (further such epochs are logged at DEBUG)')]
+    [('MetricWarning', 'val_loss is missing at epoch 0; best_val_loss.pt not saved; the metrics are: train_loss (further such epochs are logged at DEBUG)')]
     """
 
     __module__ = "ckptfn"

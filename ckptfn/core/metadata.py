@@ -17,7 +17,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Mapping, Sequence
 
-from ckptfn.core.actions import Periodic, Save
+from ckptfn.core.actions import Enter, Periodic, Save
 from ckptfn.core.errors import MetricTypeError, PayloadError
 from ckptfn.core.metrics import element_count, metric_value
 
@@ -38,7 +38,9 @@ __all__ = [
 ]
 
 FORMAT = "ckptfn/1"
-RESERVED_KEYS = ("format", "epoch", "timestamp", "saves", "metrics", "manager_state", "versions", "layout")
+RESERVED_KEYS = (
+    "format", "epoch", "global_step", "timestamp", "saves", "metrics", "manager_state", "versions", "layout",
+)
 #: How a file holds its payload: ``nested`` (the default, ``{"state_dict": payload, "metadata": ...}``)
 #: or ``flat`` (the payload's own keys beside ``"metadata"``, e.g. a Lightning checkpoint).
 LAYOUTS = ("nested", "flat")
@@ -277,35 +279,48 @@ def _bad(value: object, path: str):
     raise PayloadError(f"{path}: cannot store {type(value).__name__} as plain data")
 
 
-def save_entry(save: Save | Periodic) -> dict:
+def save_entry(save: Save | Enter | Periodic) -> dict:
     """What a checkpoint records about one strategy that chose it.
+
+    ``filename`` is always the strategy's file name (what identifies the strategy); a
+    top-k save also records ``top_k`` and the ``name`` it was published under.
 
     >>> from ckptfn.core.strategy import Strategy
     >>> save_entry(Save(Strategy("val_corr", mode="max"), epoch=4, value=0.8, previous=0.7))["value"]
     0.8
     >>> from ckptfn.core.every import Every
-    >>> save_entry(Periodic(Every(2), epoch=5))
-    {'every_n_epochs': 2, 'filename': 'last.pt', 'overwrite': True, 'epoch': 5}
+    >>> save_entry(Periodic(Every(n_steps=500), epoch=5, global_step=1500))
+    {'every_n_steps': 500, 'filename': 'last.pt', 'overwrite': True, 'epoch': 5, 'global_step': 1500}
     """
     s = save.strategy
     if type(save) is Periodic:
-        return {"every_n_epochs": s.n_epochs, "filename": s.filename, "overwrite": s.overwrite, "epoch": save.epoch}
-    return {
+        return {
+            s.key: s.trigger[1], "filename": s.filename, "overwrite": s.overwrite,
+            "epoch": save.epoch, "global_step": save.global_step,
+        }
+    entry = {
         "metric_name": s.metric_name,
         "mode": s.mode,
         "filename": s.filename,
         "overwrite": s.overwrite,
         "min_delta": s.min_delta,
         "value": save.value,
-        "previous": save.previous,
+        "previous": save.previous if type(save) is Save else None,
         "epoch": save.epoch,
+        "global_step": save.global_step,
     }
+    if s.top_k > 1:
+        entry.update(top_k=s.top_k, name=save.filename)
+        if type(save) is Enter:
+            entry["kth"] = save.kth
+    return entry
 
 
 def build_metadata(
-    saves: Sequence[Save | Periodic],
+    saves: Sequence[Save | Enter | Periodic],
     *,
     epoch: int | None,
+    global_step: int | None = None,
     timestamp: str,
     metrics: Mapping | None,
     manager_state: dict | None,
@@ -317,6 +332,7 @@ def build_metadata(
     metadata = {
         "format": FORMAT,
         "epoch": epoch,
+        "global_step": global_step,
         "timestamp": timestamp,
         "saves": [save_entry(save) for save in saves],
         "metrics": flatten_metrics(metrics) if metrics is not None else {},

@@ -6,13 +6,17 @@ plus a ``size``/``numel()`` of one), so this module imports neither library.
 
 from __future__ import annotations
 
+import difflib
 import math
 import numbers
 from collections.abc import Mapping
 
 from ckptfn.core.errors import MetricTypeError
 
-__all__ = ["MISSING", "element_count", "lookup", "metric_value"]
+__all__ = ["MAX_LISTED", "MISSING", "element_count", "lookup", "metric_names", "metric_value", "missing_hint"]
+
+#: The most metric names a message lists.
+MAX_LISTED = 50
 
 
 class _Missing:
@@ -118,3 +122,39 @@ def metric_value(name: str, value: object) -> float:
         f"metric {name!r}: expected a real number or a one-element tensor, "
         f"got {_type_name(value)} {shown}"
     )
+
+
+def metric_names(metrics: Mapping, limit: int = MAX_LISTED) -> tuple[str, ...]:
+    """The dotted names of the values in ``metrics`` (nested mappings followed), sorted, at most ``limit``.
+
+    >>> metric_names({"val_loss": 0.5, "loss_components": {"mse": 1, "kl": 2}})
+    ('loss_components.kl', 'loss_components.mse', 'val_loss')
+    """
+    names: list[str] = []
+    pending = [("", metrics, 0)]
+    while pending and len(names) < 10 * limit:  # bounded whatever the mapping holds
+        prefix, mapping, depth = pending.pop()
+        for key, value in mapping.items():
+            name = f"{prefix}{key}"
+            name = name if name.isprintable() else ascii(name)  # never a control character in a message
+            if isinstance(value, Mapping) and depth < 10:
+                pending.append((name + ".", value, depth + 1))
+            else:
+                names.append(name)
+    return tuple(sorted(names)[:limit])
+
+
+def missing_hint(name: str, available: tuple[str, ...]) -> str:
+    """What to say about a missing metric: the metrics there are and the closest name.
+
+    >>> missing_hint("val_los", ("train_loss", "val_loss"))
+    "the metrics are: train_loss, val_loss (did you mean 'val_loss'?)"
+    >>> missing_hint("val_loss", ())
+    'the metrics mapping is empty'
+    """
+    if not available:
+        return "the metrics mapping is empty"
+    close = difflib.get_close_matches(name, available, n=1, cutoff=0.75)
+    more = ", ..." if len(available) >= MAX_LISTED else ""
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"the metrics are: {', '.join(available)}{more}{hint}"

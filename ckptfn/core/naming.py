@@ -11,6 +11,9 @@ Pure string functions; the clock, pid and host name are passed in.
   its name is replaced where the file system cannot exchange two names). One
   grammar for both kinds of entry, so one sweep tidies after dead writers.
 - The sharded checkpoint of ``best_loss.pt`` is the directory ``best_loss.dcp``.
+- A top-k member of ``best_loss.pt`` other than the best is named by the position it
+  was saved at: ``best_loss-epoch=3-step=120.pt`` (``-step=`` only when the global
+  step is known; ``-1``, ``-2``, ... on a clash).
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ __all__ = [
     "archived_of",
     "dcp_name",
     "host_tag",
+    "member_name",
+    "member_of",
     "parse_temp_name",
     "split_suffix",
     "temp_name",
@@ -38,6 +43,7 @@ _TEMP = re.compile(
     r"^\.ckptfn\.(?P<pid>\d+)(?:n(?P<ns>\d+))?\.(?P<host>[A-Za-z0-9_-]+)\.(?P<token>[0-9a-f]+)"
     r"\.(?P<name>.+)\.(?P<kind>tmp|old)$"
 )
+_MEMBER = re.compile(r"-epoch=(?P<epoch>\d+)(?:-step=(?P<step>\d+))?(?:-(?P<clash>[1-9]\d*))?")
 DCP_SUFFIX = ".dcp"
 TEMP_KINDS = ("tmp", "old")
 
@@ -168,3 +174,29 @@ def dcp_name(filename: str) -> str:
     ('best_loss.dcp', 'last.dcp', 'best_loss.dcp')
     """
     return split_suffix(filename)[0] + DCP_SUFFIX
+
+
+def member_name(filename: str, epoch: int, global_step: int | None = None, clash: int = 0) -> str:
+    """The name of a top-k member of ``filename`` saved at ``epoch`` (and ``global_step``).
+
+    >>> member_name("best_loss.pt", 3), member_name("best_loss.pt", 3, 120), member_name("best_loss.pt", 3, clash=1)
+    ('best_loss-epoch=3.pt', 'best_loss-epoch=3-step=120.pt', 'best_loss-epoch=3-1.pt')
+    """
+    stem, suffix = split_suffix(filename)
+    step = "" if global_step is None else f"-step={global_step}"
+    counter = f"-{clash}" if clash else ""
+    return f"{stem}-epoch={epoch}{step}{counter}{suffix}"
+
+
+def member_of(name: str, filename: str) -> bool:
+    """Whether ``name`` has the form of a top-k member of ``filename`` (``member_name``).
+
+    >>> member_of("best_loss-epoch=3-step=120.pt", "best_loss.pt"), member_of("best_loss.pt", "best_loss.pt")
+    (True, False)
+    >>> member_of("best_loss-epoch=3.pt", "best_loss.pth"), member_of("best_loss-epoch=x.pt", "best_loss.pt")
+    (False, False)
+    """
+    stem, suffix = split_suffix(filename)
+    if not (name.startswith(stem) and name.endswith(suffix)) or len(name) <= len(stem) + len(suffix):
+        return False
+    return _MEMBER.fullmatch(name[len(stem) : len(name) - len(suffix)]) is not None

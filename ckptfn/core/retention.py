@@ -20,9 +20,9 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Iterable
 
-from ckptfn.core.naming import archived_of, split_suffix, stamp_moment
+from ckptfn.core.naming import archived_of, member_of, split_suffix, stamp_moment
 
-__all__ = ["archive_moment", "archived_versions", "plan_prune", "version_order"]
+__all__ = ["archive_moment", "archived_versions", "plan_member_prune", "plan_prune", "version_order"]
 
 _TICK = dt.timedelta(microseconds=1)
 
@@ -69,6 +69,18 @@ def plan_prune(filename: str, keep: int | None, names: Iterable[str]) -> tuple[s
         raise ValueError(f"keep must be an int >= 1 or None, got {keep!r}")
     versions = archived_versions(filename, names)
     return versions[: max(len(versions) - (keep - 1), 0)]
+
+
+def plan_member_prune(filename: str, kept: Iterable[str], names: Iterable[str]) -> tuple[str, ...]:
+    """The top-k members of ``filename`` among ``names`` that are not ``kept``, sorted: those
+    that left the top k, and traces of a move or a deletion a crash interrupted.
+
+    >>> names = ["best.pt", "best-epoch=1.pt", "best-epoch=4.pt", "best-epoch=2-1.pt", "best_20260101T000000000000Z.pt"]
+    >>> plan_member_prune("best.pt", ["best-epoch=4.pt"], names)
+    ('best-epoch=1.pt', 'best-epoch=2-1.pt')
+    """
+    stays = frozenset(kept)
+    return tuple(sorted(name for name in set(names) if member_of(name, filename) and name not in stays))
 
 
 def archive_moment(filename: str, saved_at: dt.datetime, names: Iterable[str]) -> dt.datetime:

@@ -13,20 +13,24 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import attrs
 
 from ckptfn.core.config import Config, as_config
 from ckptfn.core.errors import ConfigError
-from ckptfn.core.every import Every
+from ckptfn.core.every import TRIGGER_KEYS, Every
 from ckptfn.core.metadata import entry_for
+from ckptfn.core.naming import member_of
 
 __all__ = [
     "STATE_FORMAT",
     "Best",
     "Last",
+    "Member",
     "State",
+    "fit",
+    "ranked",
     "restore",
     "restore_from_saves",
     "resume_state",
@@ -41,7 +45,7 @@ def _check_best_value(_inst: object, attribute: attrs.Attribute, value: object) 
 
 
 def _check_count(_inst: object, attribute: attrs.Attribute, value: object) -> None:
-    if value is None and attribute.name == "epoch":
+    if value is None and attribute.name in ("epoch", "global_step"):
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ConfigError(f"expected an int >= 0, got {value!r}", attribute.name)
@@ -52,14 +56,60 @@ def _check_epoch_matches_value(inst: Best, _attribute: attrs.Attribute, epoch: o
         raise ConfigError(f"value {inst.value!r} and epoch {epoch!r} must both be None or both set")
 
 
+def _check_step_has_epoch(inst: object, _attribute: attrs.Attribute, global_step: object) -> None:
+    if global_step is not None and inst.epoch is None:
+        raise ConfigError(f"global_step {global_step!r} needs an epoch (nothing saved has no position)")
+
+
+def _check_time(_inst: object, attribute: attrs.Attribute, value: object) -> None:
+    if value is not None and (not isinstance(value, float) or not math.isfinite(value)):
+        raise ConfigError(f"expected a finite float or None, got {value!r}", attribute.name)
+
+
+def _optional_real(value: object) -> object:
+    return float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else value
+
+
+def _position(epoch: int | None, global_step: int | None) -> str:
+    return "" if global_step is None else f", global_step={global_step!r}"
+
+
+@attrs.frozen
+class Member:
+    """A top-k member other than the best: its value, position and the name it is kept under.
+
+    >>> Member(0.55, 3, 120, "best_val_loss-epoch=3-step=120.pt").name
+    'best_val_loss-epoch=3-step=120.pt'
+    """
+
+    value: float = attrs.field(converter=_optional_real, validator=_check_best_value)
+    epoch: int = attrs.field(validator=_check_count)
+    global_step: int | None = attrs.field(default=None, validator=_check_count)
+    name: str = attrs.field(default="", validator=attrs.validators.instance_of(str))
+
+    def __attrs_post_init__(self) -> None:
+        if self.value is None or self.epoch is None or not self.name:
+            raise ConfigError(f"a top-k member needs a value, an epoch and a name, got {self!r}")
+
+
+def _check_others(inst: Best, _attribute: attrs.Attribute, others: tuple) -> None:
+    for index, member in enumerate(others):
+        if type(member) is not Member:
+            raise ConfigError(f"expected a Member, got {type(member).__name__}", f"others[{index}]")
+    names = [member.name for member in others]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"top-k members must have distinct names, got {names}", "others")
+
+
 @attrs.frozen
 class Best:
-    """A strategy's best so far: the value saved and the epoch it was saved at (both None before).
+    """A strategy's best so far: the value saved, its epoch and global step (None before);
+    with ``top_k`` > 1 also the ``others`` members of the top k, best first.
 
     The value is a finite float; value and epoch are set together or not at all.
 
-    >>> Best(), Best(0.25, 3)
-    (Best(value=None, epoch=None), Best(value=0.25, epoch=3))
+    >>> Best(), Best(0.25, 3), Best(0.25, 3, 1200)
+    (Best(value=None, epoch=None), Best(value=0.25, epoch=3), Best(value=0.25, epoch=3, global_step=1200))
     >>> Best(0.25)
     Traceback (most recent call last):
     ...
@@ -70,11 +120,21 @@ class Best:
     epoch: int | None = attrs.field(
         default=None, validator=[_check_count, _check_epoch_matches_value]
     )
+    global_step: int | None = attrs.field(default=None, validator=[_check_count, _check_step_has_epoch])
+    others: tuple[Member, ...] = attrs.field(default=(), converter=tuple, validator=_check_others)
+
+    def __repr__(self) -> str:
+        others = f", others={self.others!r}" if self.others else ""
+        return f"Best(value={self.value!r}, epoch={self.epoch!r}{_position(self.epoch, self.global_step)}{others})"
 
 
 @attrs.frozen
 class Last:
-    """An ``Every`` strategy's state: the epoch of its last periodic save (None before).
+    """An ``Every`` strategy's state: the epoch and global step of its last periodic save
+    (None before), and for ``Every(seconds=...)`` the clock reading ``time`` it is measured from.
+
+    ``time`` is this process's clock: it is not stored in files (a new run's clock
+    starts afresh) and not part of equality (a resumed state equals the one it was saved from).
 
     >>> import ckptfn
     >>> state = ckptfn.init(ckptfn.Every(2, filename="last.pt"))
@@ -87,6 +147,12 @@ class Last:
     """
 
     epoch: int | None = attrs.field(default=None, validator=_check_count)
+    global_step: int | None = attrs.field(default=None, validator=[_check_count, _check_step_has_epoch])
+    time: float | None = attrs.field(default=None, kw_only=True, converter=_optional_real, validator=_check_time, eq=False)
+
+    def __repr__(self) -> str:
+        time = "" if self.time is None else f", time={self.time!r}"
+        return f"Last(epoch={self.epoch!r}{_position(self.epoch, self.global_step)}{time})"
 
 
 _NOTHING_SAVED = Best()
@@ -157,16 +223,24 @@ class State:
         }
 
 
+def _member_entry(member: Member) -> dict:
+    return {"value": member.value, "epoch": member.epoch, "global_step": member.global_step, "name": member.name}
+
+
 def _entry(strategy: object, best: Best | Last) -> dict:
     if type(strategy) is Every:
         return {
-            "every_n_epochs": strategy.n_epochs,
+            strategy.key: strategy.trigger[1],
             "filename": strategy.filename,
             "overwrite": strategy.overwrite,
             "keep": strategy.keep,
             "last_epoch": best.epoch,
+            "last_global_step": best.global_step,
         }
-    return {**attrs.asdict(strategy), "best": best.value, "best_epoch": best.epoch}
+    entry = {**attrs.asdict(strategy), "best": best.value, "best_epoch": best.epoch, "best_global_step": best.global_step}
+    if best.others:
+        entry["top_k_others"] = [_member_entry(member) for member in best.others]
+    return entry
 
 
 def _require(data: Mapping, key: str, path: str, check, expected: str) -> object:
@@ -202,6 +276,22 @@ def _is_optional_finite(value: object) -> bool:
         return False
 
 
+def _is_every_entry(entry: object) -> bool:
+    return isinstance(entry, Mapping) and any(key in entry for key in TRIGGER_KEYS)
+
+
+def _saved_member(entry: object, path: str) -> Member:
+    if not isinstance(entry, Mapping):
+        raise ConfigError(f"expected a mapping, got {type(entry).__name__}", path)
+    value = _require(entry, "value", path, lambda v: _is_optional_finite(v) and v is not None, "a finite number")
+    epoch = _require(entry, "epoch", path, _is_count, "an int >= 0")
+    step = entry.get("global_step")
+    if not _is_optional_count(step):
+        raise ConfigError(f"expected an int >= 0 or None, got {step!r}", f"{path}.global_step")
+    name = _require(entry, "name", path, lambda v: isinstance(v, str) and bool(v), "a file name")
+    return Member(float(value), epoch, step, name)
+
+
 def _saved_best(entry: object, path: str) -> tuple[tuple[str, str, str], Best]:
     """Parse one saved strategy entry into its identity and its ``Best``."""
     if not isinstance(entry, Mapping):
@@ -211,20 +301,33 @@ def _saved_best(entry: object, path: str) -> tuple[tuple[str, str, str], Best]:
     )
     value = _require(entry, "best", path, _is_optional_finite, "a finite number or None")
     epoch = _require(entry, "best_epoch", path, _is_optional_count, "an int >= 0 or None")
+    step = entry.get("best_global_step")  # absent in files of earlier versions
+    if not _is_optional_count(step):
+        raise ConfigError(f"expected an int >= 0 or None, got {step!r}", f"{path}.best_global_step")
+    others = entry.get("top_k_others", [])
+    if not isinstance(others, Sequence) or isinstance(others, (str, bytes)):
+        raise ConfigError(f"expected a list, got {type(others).__name__}", f"{path}.top_k_others")
     try:
-        best = Best(None if value is None else float(value), epoch)
+        members = tuple(_saved_member(item, f"{path}.top_k_others[{i}]") for i, item in enumerate(others))
+        best = Best(None if value is None else float(value), epoch, step, members)
     except ConfigError as error:
-        raise error.within(path) from None
+        raise error.within(path) if not error.path.startswith(path) else error from None
     return identity, best
 
 
 def _saved_entry(entry: object, path: str) -> tuple[tuple, Best | Last]:
     """Parse one saved entry (a metric strategy's or an ``Every``'s) into its identity and state."""
-    if not (isinstance(entry, Mapping) and "every_n_epochs" in entry):
+    if not _is_every_entry(entry):
         return _saved_best(entry, path)
     filename = _require(entry, "filename", path, _is_str, "a str")
     epoch = _require(entry, "last_epoch", path, _is_optional_count, "an int >= 0 or None")
-    return ("every", filename), Last(epoch)
+    step = entry.get("last_global_step")
+    if not _is_optional_count(step):
+        raise ConfigError(f"expected an int >= 0 or None, got {step!r}", f"{path}.last_global_step")
+    try:
+        return ("every", filename), Last(epoch, step if epoch is not None else None)
+    except ConfigError as error:
+        raise error.within(path) from None
 
 
 def restore(config: object, data: object) -> State:
@@ -265,41 +368,87 @@ def restore(config: object, data: object) -> State:
     bests = []
     for strategy in config.strategies:
         identity, best = saved.get(strategy.filename, (None, None))
-        bests.append(best if identity == strategy.identity else fresh(strategy))
+        bests.append(fit(strategy, best) if identity == strategy.identity else fresh(strategy))
     return State(config, bests, steps)
+
+
+def ranked(mode: str, members: Iterable[Member]) -> tuple[Member, ...]:
+    """``members`` best first by value; equal values keep their order (the earlier stays ahead).
+
+    >>> [m.value for m in ranked("max", [Member(0.5, 0, None, "a"), Member(0.6, 1, None, "b"), Member(0.5, 2, None, "c")])]
+    [0.6, 0.5, 0.5]
+    """
+    return tuple(sorted(members, key=(lambda m: m.value) if mode == "min" else (lambda m: -m.value)))
+
+
+def fit(strategy: object, best: Best | Last) -> Best | Last:
+    """``best`` with no more top-k members than ``strategy`` keeps (``top_k - 1`` besides the best).
+
+    >>> from ckptfn.core.strategy import Strategy
+    >>> best = Best(0.1, 4, None, [Member(0.2, 1, None, "a"), Member(0.3, 2, None, "b")])
+    >>> [m.name for m in fit(Strategy("loss", top_k=2), best).others], fit(Strategy("loss"), best).others
+    (['a'], ())
+    """
+    if type(best) is not Best or len(best.others) <= strategy.top_k - 1:
+        return best
+    return Best(best.value, best.epoch, best.global_step, best.others[: strategy.top_k - 1])
 
 
 def _last_from_file(every: Every, metadata: Mapping | None) -> Last:
     """The last periodic save an ``Every`` can trust from the file at its name."""
     entry = entry_for(metadata, every.filename) if isinstance(metadata, Mapping) else None
-    if entry is None or "every_n_epochs" not in entry:
+    if not _is_every_entry(entry):
         return _NEVER_SAVED
     epoch = entry.get("epoch", metadata.get("epoch"))
-    return Last(epoch) if _is_count(epoch) else _NEVER_SAVED
+    step = entry.get("global_step", metadata.get("global_step"))
+    if not _is_count(epoch):
+        return _NEVER_SAVED
+    return Last(epoch, step if _is_count(step) else None)
 
 
-def _best_from_file(strategy, metadata: Mapping | None) -> Best | Last:
-    """The best a strategy can trust from the file at its name (fresh if it cannot)."""
-    if type(strategy) is Every:
-        return _last_from_file(strategy, metadata)
+def _saved_choice(strategy, metadata: Mapping | None) -> tuple[float, int, int | None, str] | None:
+    """``(value, epoch, global_step, timestamp)`` of the strategy's own entry in a file's
+    metadata, if it records a save of the same metric and mode; else None."""
     if not isinstance(metadata, Mapping):
-        return _NOTHING_SAVED
+        return None
     entry = entry_for(metadata, strategy.filename)
     if entry is None or (entry.get("metric_name"), entry.get("mode")) != (strategy.metric_name, strategy.mode):
-        return _NOTHING_SAVED
+        return None
     value, epoch = entry.get("value"), entry.get("epoch", metadata.get("epoch"))
     if not (_is_optional_finite(value) and value is not None and _is_count(epoch)):
-        return _NOTHING_SAVED
-    return Best(float(value), epoch)
+        return None
+    step = entry.get("global_step", metadata.get("global_step"))
+    return float(value), epoch, step if _is_count(step) else None, str(metadata.get("timestamp") or "")
+
+
+def _best_from_files(strategy, found: Mapping[str, Mapping | None]) -> Best | Last:
+    """The best (and, for top-k, the other members) a strategy can trust from the files
+    (fresh if it cannot). A member file that records the very save the best file holds
+    is the trace of an interrupted move, not a member: it is left out (and pruned)."""
+    if type(strategy) is Every:
+        return _last_from_file(strategy, found.get(strategy.filename))
+    best = _saved_choice(strategy, found.get(strategy.filename))
+    others = []
+    if strategy.top_k > 1:
+        chosen = sorted(
+            (choice[3], name, choice)
+            for name, metadata in found.items()
+            if member_of(name, strategy.filename) and (choice := _saved_choice(strategy, metadata)) is not None
+        )
+        others = [Member(c[0], c[1], c[2], name) for _, name, c in chosen if c != best]
+    if best is None:
+        return _NOTHING_SAVED if not others else fit(strategy, Best(None, None, None, ranked(strategy.mode, others)))
+    return fit(strategy, Best(best[0], best[1], best[2], ranked(strategy.mode, others)))
 
 
 def restore_from_saves(config: object, found: Mapping[str, Mapping | None], steps: int = 0) -> State:
     """A ``State`` whose bests are exactly what the files on disk record.
 
     ``found`` maps a filename to the metadata of the file at that name (None when
-    missing or unreadable). A strategy keeps the value its own ``saves`` entry
-    records if that entry has the same metric and mode; otherwise it starts fresh.
-    ``steps`` is at least one past the newest best's epoch.
+    missing or unreadable); for a strategy with ``top_k`` > 1 it also holds the files
+    named as its members (``ckptfn.core.naming.member_of``). A strategy keeps the value
+    its own ``saves`` entry records if that entry has the same metric and mode;
+    otherwise it starts fresh. ``steps`` is at least one past the newest save's epoch.
 
     >>> from ckptfn.core.strategy import Strategy
     >>> meta = {"epoch": 4, "saves": [{"filename": "best_val_loss.pt", "metric_name": "val_loss",
@@ -310,8 +459,10 @@ def restore_from_saves(config: object, found: Mapping[str, Mapping | None], step
     ((Best(value=0.2, epoch=4), Best(value=None, epoch=None)), 5)
     """
     config = as_config(config)
-    bests = tuple(_best_from_file(s, found.get(s.filename)) for s in config.strategies)
-    newest = max((best.epoch + 1 for best in bests if best.epoch is not None), default=0)
+    bests = tuple(_best_from_files(s, found) for s in config.strategies)
+    epochs = [best.epoch for best in bests if best.epoch is not None]
+    epochs += [m.epoch for best in bests if type(best) is Best for m in best.others]
+    newest = max((epoch + 1 for epoch in epochs), default=0)
     return State(config, bests, max(steps, newest))
 
 

@@ -13,17 +13,18 @@ from collections.abc import Iterable, Mapping
 
 import toolz
 
-from ckptfn.core.actions import Periodic, Save, Skip, improved
-from ckptfn.core.config import as_config
-from ckptfn.core.errors import MetricTypeError
-from ckptfn.core.every import Every, due
-from ckptfn.core.metrics import MISSING, lookup, metric_value
+from ckptfn.core.actions import Enter, Periodic, Save, Skip, improved
+from ckptfn.core.config import Config, as_config
+from ckptfn.core.errors import MetricTypeError, MissingMetricError
+from ckptfn.core.every import Every, due, restarted
+from ckptfn.core.metrics import MISSING, lookup, metric_names, metric_value, missing_hint
 from ckptfn.core.state import Best, Last, State
 from ckptfn.core.strategy import Strategy
+from ckptfn.core.topk import judge_top_k
 
 __all__ = ["Action", "best_values", "init", "new_skips", "scan", "step"]
 
-Action = Save | Periodic | Skip
+Action = Save | Enter | Periodic | Skip
 
 
 def init(config: object) -> State:
@@ -38,46 +39,75 @@ def init(config: object) -> State:
     return State(as_config(config))
 
 
+def _periodic(every: Every, last: Last, epoch: int, global_step: int | None, now: float | None):
+    if restarted(every, last, epoch=epoch, global_step=global_step, now=now):
+        last = Last()  # a new phase: it saves as a fresh run would, and its state says so
+    if not due(every, last, epoch=epoch, global_step=global_step, now=now):
+        return last, None
+    return Last(epoch, global_step, time=now), Periodic(every, epoch, global_step=global_step)
+
+
 def _judge(
-    strategy: Strategy, best: Best, metrics: Mapping, epoch: int
+    config: Config, strategy: Strategy, best: Best, metrics: Mapping, epoch: int, global_step: int | None,
 ) -> tuple[Best, Action | None]:
-    """One strategy's verdict on one epoch: its new best and its action (None: no change)."""
-    if type(strategy) is Every:  # periodic: the metrics do not matter
-        if best.epoch is not None and epoch < best.epoch:
-            best = Last()  # the epoch went backwards: a new phase, saving as a fresh run would
-        if not due(strategy, best.epoch, epoch):
-            return best, None
-        return Last(epoch), Periodic(strategy, epoch)
+    """One metric strategy's verdict on one decision: its new best and its action (None: no change)."""
     raw = lookup(metrics, strategy.metric_name)
     if raw is MISSING:
-        return best, Skip(strategy, epoch, "missing")
+        if best.value is None and not best.others and config.on_missing_of(strategy) == "error":
+            raise MissingMetricError(
+                f"metric {strategy.metric_name!r} ({strategy.filename}) is missing; "
+                f"{missing_hint(strategy.metric_name, metric_names(metrics))}. "
+                "Fix the name, or pass on_missing='warn' if it appears only later"
+            )
+        return best, Skip(strategy, epoch, "missing", global_step=global_step, available=metric_names(metrics))
     value = raw if type(raw) is float else metric_value(strategy.metric_name, raw)  # fast path
     if not math.isfinite(value):
-        return best, Skip(strategy, epoch, "not_finite", value)
+        return best, Skip(strategy, epoch, "not_finite", value, global_step=global_step)
+    if strategy.top_k > 1:
+        return judge_top_k(strategy, best, value, epoch, global_step)
     if not improved(strategy.mode, best.value, value, strategy.min_delta):
         return best, None
-    return Best(value, epoch), Save(strategy, epoch, value, best.value)
+    return Best(value, epoch, global_step), Save(strategy, epoch, value, best.value, global_step=global_step)
 
 
-def _epoch(state: State, epoch: object) -> int:
-    if epoch is None:
-        return state.steps
-    if type(epoch) is int and epoch >= 0:  # the common case, without the slow ABC check below
-        return epoch
-    if isinstance(epoch, bool) or not isinstance(epoch, numbers.Integral):
-        raise TypeError(f"epoch must be an int, got {type(epoch).__name__} {epoch!r}")
-    if epoch < 0:
-        raise ValueError(f"epoch must be >= 0, got {epoch!r}")
-    return int(epoch)
+def _count(name: str, value: object) -> int:
+    if type(value) is int and value >= 0:  # the common case, without the slow ABC check below
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value!r}")
+    return int(value)
 
 
-def step(state: State, metrics: Mapping, epoch: int | None = None) -> tuple[State, tuple[Action, ...]]:
-    """Judge one epoch's metrics: the new state and the actions to perform, in strategy order.
+def _clock(now: object) -> float | None:
+    if now is None or type(now) is float and math.isfinite(now):
+        return now
+    if isinstance(now, bool) or not isinstance(now, numbers.Real) or not math.isfinite(float(now)):
+        raise TypeError(f"now must be a finite number of seconds, got {type(now).__name__} {now!r}")
+    return float(now)
 
-    A strategy contributes a ``Save`` when its value is a strict new best, a
+
+def step(
+    state: State,
+    metrics: Mapping,
+    epoch: int | None = None,
+    *,
+    global_step: int | None = None,
+    now: float | None = None,
+) -> tuple[State, tuple[Action, ...]]:
+    """Judge one decision's metrics: the new state and the actions to perform, in strategy order.
+
+    A strategy contributes a ``Save`` when its value is a strict new best (with
+    ``top_k`` > 1 an ``Enter`` when it enters the top k without being the best), a
     ``Skip`` when its metric is missing or not finite, and nothing otherwise; an
-    ``Every`` contributes a ``Periodic`` when it is due (see ``ckptfn.core.every.due``).
-    ``epoch`` defaults to the number of steps taken so far.
+    ``Every`` contributes a ``Periodic`` when it is due (``ckptfn.core.every.due``).
+
+    The position: ``epoch`` defaults to the number of decisions taken so far;
+    ``global_step`` (optimizer steps completed) is recorded when given and needed by
+    ``Every(n_steps=...)``; ``now`` (seconds on a clock of the shell's choosing) is
+    needed by ``Every(seconds=...)``. A metric missing before its strategy's first save
+    raises ``MissingMetricError`` unless that strategy's ``on_missing`` is ``"warn"``.
 
     >>> state = init([Strategy("val_loss"), Strategy("loss_components.concordance")])
     >>> state, actions = step(state, {"val_loss": 0.5, "loss_components": {"concordance": 0.2}})
@@ -86,31 +116,46 @@ def step(state: State, metrics: Mapping, epoch: int | None = None) -> tuple[Stat
     >>> state, actions = step(state, {"val_loss": 0.7})
     >>> [(type(a).__name__, a.filename) for a in actions]
     [('Skip', 'best_loss_components_concordance.pt')]
+    >>> state, actions = step(init(Every(n_steps=20, filename="last.ckpt")), {}, epoch=0, global_step=20)
+    >>> actions
+    (Periodic(strategy=Every(n_steps=20, filename='last.ckpt', overwrite=True, keep=None), epoch=0, global_step=20),)
     """
     if not isinstance(metrics, dict) and not isinstance(metrics, Mapping):  # dict first: fast
         raise MetricTypeError(
             f"metrics must be a mapping of metric names to values, got {type(metrics).__name__}"
         )
-    at = _epoch(state, epoch)
+    at = state.steps if epoch is None else _count("epoch", epoch)
+    position = None if global_step is None else _count("global_step", global_step)
+    now = _clock(now)
     # New states come from the constructor (validated), not attrs.evolve: same checks, a
     # quarter of the cost, which matters in a function called once per epoch by ``scan``.
-    if not state.config.active:
-        return State(state.config, state.bests, state.steps + 1), ()
+    config = state.config
+    if not config.active:
+        return State(config, state.bests, state.steps + 1), ()
     bests, actions = [], []
-    for strategy, best in zip(state.config.strategies, state.bests):
-        best, action = _judge(strategy, best, metrics, at)
+    for strategy, best in zip(config.strategies, state.bests):
+        if type(strategy) is Every:
+            best, action = _periodic(strategy, best, at, position, now)
+        else:
+            best, action = _judge(config, strategy, best, metrics, at, position)
         bests.append(best)
         if action is not None:
             actions.append(action)
-    return State(state.config, tuple(bests), state.steps + 1), tuple(actions)
+    return State(config, tuple(bests), state.steps + 1), tuple(actions)
 
 
 def scan(
-    state: State, history: Iterable[Mapping], epochs: Iterable[int | None] | None = None
+    state: State,
+    history: Iterable[Mapping],
+    epochs: Iterable[int | None] | None = None,
+    *,
+    global_steps: Iterable[int | None] | None = None,
+    times: Iterable[float | None] | None = None,
 ) -> tuple[State, tuple[tuple[Action, ...], ...]]:
     """Fold ``step`` over a metric history: the final state and each step's actions.
 
-    ``epochs`` (one per row) gives each row's epoch; by default rows count 0, 1, 2, ...
+    ``epochs``, ``global_steps`` and ``times`` (one per row each, when given) are each
+    row's ``epoch``, ``global_step`` and ``now``; by default rows count 0, 1, 2, ...
 
     >>> final, actions = scan(init(Strategy("val_loss")), [{"val_loss": v} for v in (3, 1, 2, 0)])
     >>> [[a.epoch for a in step_actions] for step_actions in actions]
@@ -119,10 +164,24 @@ def scan(
     {'best_val_loss.pt': 0.0}
     >>> [[a.epoch for a in s] for s in scan(init(Strategy("val_loss")), [{"val_loss": 2}, {"val_loss": 1}], [4, 9])[1]]
     [[4], [9]]
+    >>> _, actions = scan(init(Every(n_steps=50)), [{}] * 4, global_steps=[20, 40, 60, 80])
+    >>> [[a.global_step for a in s] for s in actions]
+    [[], [], [60], []]
     """
-    rows = history if epochs is None else zip(history, epochs, strict=True)
-    advance = (lambda carry, row: step(carry[0], row)) if epochs is None else (lambda carry, row: step(carry[0], *row))
-    carries = toolz.accumulate(advance, rows, (state, ()))
+    rows = list(history) if not isinstance(history, list) else history
+    columns = {"epoch": epochs, "global_step": global_steps, "now": times}
+    given = {name: list(values) for name, values in columns.items() if values is not None}
+    for name, values in given.items():
+        if len(values) != len(rows):
+            raise ValueError(f"scan: {len(rows)} rows but {len(values)} values of {name}")
+    if not given:
+        advance = lambda carry, row: step(carry[0], row)  # noqa: E731
+        items = rows
+    else:
+        names = tuple(given)
+        advance = lambda carry, row: step(carry[0], row[0], **dict(zip(names, row[1:])))  # noqa: E731
+        items = list(zip(rows, *given.values()))
+    carries = toolz.accumulate(advance, items, (state, ()))
     final, per_step = next(carries)[0], []
     for final, actions in carries:
         per_step.append(actions)

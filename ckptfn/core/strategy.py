@@ -8,14 +8,28 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
+import zlib
 
 import attrs
 
 from ckptfn.core.errors import ConfigError
 
-__all__ = ["MODES", "Strategy", "check_bool", "check_filename", "check_keep", "default_filename", "to_keep"]
+__all__ = [
+    "MODES",
+    "ON_MISSING",
+    "Strategy",
+    "check_bool",
+    "check_filename",
+    "check_keep",
+    "check_on_missing",
+    "default_filename",
+    "to_keep",
+]
 
 MODES = ("min", "max")
+#: What a strategy that has not saved yet does when its metric is missing.
+ON_MISSING = ("error", "warn")
 
 
 def _fail(path: str, detail: str) -> ConfigError:
@@ -108,13 +122,60 @@ def _to_min_delta(value: object) -> float:
     return result
 
 
-def default_filename(metric_name: str) -> str:
-    """The file a strategy writes when no filename is given.
+#: Characters a default file name never holds: separators, NUL and other controls, and what
+#: Windows refuses (a dotted metric path becomes ``_`` too, as it always has).
+_NOT_IN_NAMES = re.compile(r'[./\\<>:"|?*\x00-\x1f\x7f]')
+#: The longest stem (UTF-8 bytes) of a default name, so that top-k member names still fit.
+_MAX_DEFAULT_STEM = 100
 
-    >>> default_filename("loss_components.concordance")
-    'best_loss_components_concordance.pt'
+
+def default_filename(metric_name: str) -> str:
+    """The file a strategy writes when no filename is given: ``best_<metric>.pt``, with every
+    character that cannot be in a portable file name (``.``, ``/``, ``\\``, controls, ...)
+    as ``_``; a very long name is shortened, keeping a checksum of the whole name.
+
+    >>> default_filename("loss_components.concordance"), default_filename("val/loss")
+    ('best_loss_components_concordance.pt', 'best_val_loss.pt')
+    >>> len(default_filename("x" * 300).encode())
+    108
     """
-    return "best_" + metric_name.replace(".", "_") + ".pt"
+    stem = _NOT_IN_NAMES.sub("_", metric_name)
+    stem = "".join(ch if ch.isprintable() else "_" for ch in stem)
+    encoded = stem.encode("utf-8", "surrogateescape")
+    if len(encoded) > _MAX_DEFAULT_STEM:
+        check = f"{zlib.crc32(metric_name.encode('utf-8', 'surrogateescape')):08x}"
+        head = encoded[: _MAX_DEFAULT_STEM - 9].decode("utf-8", "ignore")  # never half a character
+        stem = f"{head}_{check}"
+    return f"best_{stem}.pt"
+
+
+def check_on_missing(_inst: object, attribute: attrs.Attribute, value: object) -> None:
+    if value is not None and value not in ON_MISSING:
+        raise _fail(attribute.name, f"{value!r} is not one of 'error', 'warn' (or None: the config's)")
+
+
+def _check_top_k(inst: object, attribute: attrs.Attribute, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise _fail(attribute.name, f"expected an int >= 1, got {type(value).__name__} {value!r}")
+    if value == 1:
+        return
+    if inst.overwrite is not True or inst.keep is not None:
+        raise _fail(
+            attribute.name,
+            f"top_k={value} keeps the {value} best values under their own names; it cannot be combined "
+            "with overwrite=False or keep (which keep earlier bests by time)",
+        )
+    size = len(inst.filename.encode("utf-8", "surrogateescape")) if isinstance(inst.filename, str) else 0
+    if size > MAX_FILENAME_BYTES - _MEMBER_ROOM:
+        raise _fail(
+            attribute.name,
+            f"top_k={value} names its members <stem>-epoch=<n>-step=<n><suffix>: the filename "
+            f"{inst.filename[:40]!r} ({size} bytes) leaves no room; use at most {MAX_FILENAME_BYTES - _MEMBER_ROOM} bytes",
+        )
+
+
+#: Bytes a top-k member name may add to its strategy's filename (``-epoch=<n>-step=<n>-<k>``).
+_MEMBER_ROOM = 40
 
 
 def _default_filename(self: Strategy) -> object:
@@ -136,7 +197,17 @@ class Strategy:
         min_delta: an improvement must beat the best by more than this.
         keep: with ``overwrite=False``, keep at most this many versions (the file
             plus ``keep - 1`` archived ones; the oldest archived are deleted after
-            each new version is committed). None keeps every version.
+            each new version is committed). None keeps every version. These are the
+            last ``keep`` *improvements*, not the best values: see ``top_k``.
+        top_k: keep the ``top_k`` best values seen (Lightning's ``save_top_k``): the
+            best at ``filename``, the others under names that say their position
+            (``best_val_loss-epoch=3-step=120.pt``); a snapshot that beats the k-th
+            best (by more than ``min_delta``) enters, the worst member's file is deleted
+            after the new one is committed. ``1`` (default) is one file, replaced.
+        on_missing: when the metric is missing from the metrics and this strategy has
+            not saved yet: ``"error"`` (a ``MissingMetricError`` listing the metrics
+            there are, usually a typo) or ``"warn"`` (skip, warn once); None (default)
+            follows ``Config.on_missing``. Once saved, a missing metric always skips.
 
     >>> Strategy("loss_components.concordance")
     Strategy(metric_name='loss_components.concordance', mode='min', filename='best_loss_components_concordance.pt', overwrite=True, min_delta=0.0, keep=None)
@@ -154,6 +225,16 @@ class Strategy:
     overwrite: bool = attrs.field(default=True, validator=check_bool)
     min_delta: float = attrs.field(default=0.0, converter=_to_min_delta)
     keep: int | None = attrs.field(default=None, converter=to_keep, validator=check_keep)
+    top_k: int = attrs.field(default=1, converter=to_keep, validator=_check_top_k)
+    on_missing: str | None = attrs.field(default=None, validator=check_on_missing)
+
+    def __repr__(self) -> str:
+        fields = ", ".join(
+            f"{field.name}={getattr(self, field.name)!r}"
+            for field in attrs.fields(Strategy)
+            if field.name not in ("top_k", "on_missing") or getattr(self, field.name) != field.default
+        )
+        return f"Strategy({fields})"
 
     @property
     def identity(self) -> tuple[str, str, str]:

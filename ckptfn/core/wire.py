@@ -34,6 +34,7 @@ from ckptfn.core.errors import (
     CheckpointWriteError,
     ConfigError,
     MetricTypeError,
+    MissingMetricError,
     PayloadError,
 )
 from ckptfn.core.state import State, restore
@@ -64,6 +65,7 @@ _KNOWN_FAILURES = {
         CheckpointWriteError,
         ConfigError,
         MetricTypeError,
+        MissingMetricError,
         PayloadError,
         TypeError,
         ValueError,
@@ -78,8 +80,10 @@ def _action_to_wire(action: object, index_of: dict[str, int]) -> tuple:
     if _ACTIONS.get(kind.__name__) is not kind:
         raise TypeError(f"cannot share an action of type {kind.__name__}")
     fields = tuple(
-        (field.name, getattr(action, field.name)) for field in attrs.fields(kind) if field.name != "strategy"
-    )
+        (field.name, getattr(action, field.name))
+        for field in attrs.fields(kind)
+        if field.name != "strategy" and (field.default is attrs.NOTHING or getattr(action, field.name) != field.default)
+    )  # a field at its default stays at home: the receiver's constructor fills it in
     return (kind.__name__, index_of[action.strategy.filename], fields)
 
 
@@ -184,8 +188,10 @@ def config_to_wire(config: Config, **settings: object) -> tuple:
 
     >>> from ckptfn.core.every import Every
     >>> from ckptfn.core.strategy import Strategy
-    >>> config_to_wire(Config([Strategy("val_loss"), Every(2)]), resume=True)
-    ('config', True, (('Strategy', (('metric_name', 'val_loss'), ('mode', 'min'), ('filename', 'best_val_loss.pt'), ('overwrite', True), ('min_delta', 0.0), ('keep', None))), ('Every', (('n_epochs', 2), ('filename', 'last.pt'), ('overwrite', True), ('keep', None)))), (('resume', True),))
+    >>> config_to_wire(Config([Every(2)]), resume=True)
+    ('config', True, (('Every', (('n_epochs', 2), ('n_steps', None), ('seconds', None), ('filename', 'last.pt'), ('overwrite', True), ('keep', None))),), (('resume', True),))
+    >>> dict(config_to_wire(Config([Strategy("val_loss", top_k=3)]))[2][0][1])["top_k"]
+    3
     """
     strategies = tuple(
         (type(s).__name__, tuple((field.name, getattr(s, field.name)) for field in attrs.fields(type(s))))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import pathlib
 import warnings
 from collections.abc import Mapping
@@ -260,9 +261,10 @@ class Checkpointing(Checkpoint):
         if self._skips(trainer):
             return
         self._last_global_step_decided = trainer.global_step
-        metrics = trainer.strategy.broadcast(plain_metrics(trainer.callback_metrics), src=0)
+        # rank 0's metrics and clock, so that every rank takes the same decision
+        metrics, now = trainer.strategy.broadcast((plain_metrics(trainer.callback_metrics), time.monotonic()), src=0)
         old = self.state
-        new, actions = step(old, metrics, trainer.current_epoch)
+        new, actions = step(old, metrics, trainer.current_epoch, global_step=trainer.global_step, now=now)
         saves, _ = partition(actions)
         self._seen_skips = report_skips(self._seen_skips, actions, stacklevel=1, loud=trainer.is_global_zero)
         if not saves:
@@ -271,7 +273,7 @@ class Checkpointing(Checkpoint):
         checkpoint = lightning_internals.dump_checkpoint(trainer)  # on every rank
         if isinstance(checkpoint.get("callbacks"), dict):
             checkpoint["callbacks"][self.state_key] = new.to_dict()  # the state after this save
-        snapshot = plan(saves, state=new, metrics=metrics, extra={"layout": "flat", "global_step": trainer.global_step})
+        snapshot = plan(saves, state=new, metrics=metrics, extra={"layout": "flat"})
         error, kept = None, new
         self._in_doubt = True
         if trainer.is_global_zero:

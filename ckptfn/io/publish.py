@@ -11,7 +11,8 @@ entry gets a second name, how it replaces the current one, and how it is removed
    temporary name (``produce``).
 3. For each target, in order: with ``overwrite=False``, first give the entry
    currently there its archive name (a complete second name, made durable before
-   anything else happens); then install the snapshot at the final name atomically
+   anything else happens; a top-k target's ``aside`` is such a name, chosen by the
+   core: the previous best keeps its place among the members); then install the snapshot at the final name atomically
    (a file by ``rename`` over it; a tree by ``rename`` when the name is free, else
    by an atomic exchange, the superseded tree removed only after the exchange is
    durable). Every target but the last gets a fresh second name of the temporary
@@ -19,7 +20,8 @@ entry gets a second name, how it replaces the current one, and how it is removed
    temporary entry itself. While any target archives, the directory is locked,
    so concurrent writers never replace a version before it is archived.
 4. fsync the directory; then delete archived versions beyond each target's
-   ``keep`` (never a current name; a failure there is a warning, not an error).
+   ``keep``, and the top-k members that left (never a current name; a failure
+   there is a warning, not an error).
 
 On failure the call removes its temporary entries and the archive names it made
 for versions that are still current, and raises ``CheckpointWriteError`` whose
@@ -42,8 +44,8 @@ import socket
 from collections.abc import Callable, Sequence
 
 from ckptfn.core.errors import CheckpointError, CheckpointWriteError
-from ckptfn.core.naming import archive_name, dcp_name, host_tag, parse_temp_name, temp_name
-from ckptfn.core.retention import archive_moment, plan_prune
+from ckptfn.core.naming import archive_name, dcp_name, host_tag, member_of, parse_temp_name, temp_name
+from ckptfn.core.retention import archive_moment, plan_member_prune, plan_prune
 from ckptfn.core.snapshot import Target
 from ckptfn.io.fs import EXCHANGE_UNSUPPORTED, LINKS_UNSUPPORTED, REAL, FileSystem
 
@@ -287,9 +289,24 @@ class Publisher:
             return candidate
         raise CheckpointWriteError(f"{final}: no free archive name after {ARCHIVE_ATTEMPTS} attempts")
 
+    def set_aside(self, final: pathlib.Path, aside: pathlib.Path) -> pathlib.Path | None:
+        """Give the entry at ``final`` the exact second name ``aside`` (no-op if absent): a
+        top-k best becoming a member. An entry already at ``aside`` is a member nobody keeps
+        (its deletion was interrupted), unless it is this very entry (a move interrupted)."""
+        if not os.path.lexists(final):
+            return None
+        if os.path.lexists(aside):
+            if self.kind.same(aside, final):
+                return aside
+            self.kind.remove(self.fs, aside)
+        self.add_name(final, aside)
+        self.archived.append((aside, final))
+        self.fs.fsync_dir(self.directory)  # the member name is durable before the replace
+        return aside
+
     def publish(self, temp: pathlib.Path, targets: Sequence[Target]) -> tuple[pathlib.Path, ...]:
         """Install the complete temporary entry ``temp`` under every target's name."""
-        archiving = any(not target.overwrite for target in targets)
+        archiving = any(not target.overwrite or target.aside is not None for target in targets)
         with self.fs.lock(self.directory) if archiving else contextlib.nullcontext():
             for index, target in enumerate(targets):
                 final = self.directory / self.kind.final_name(target.filename)
@@ -300,6 +317,8 @@ class Publisher:
                     self.kind.copy_into(self.fs, temp, source)
                 if not target.overwrite:
                     self.archive(final)
+                if target.aside is not None:
+                    self.set_aside(final, self.directory / self.kind.final_name(target.aside))
                 # recorded before the install: an interrupt raised as the rename returns must not
                 # hide that the name may have moved (over-reporting only makes callers read the files)
                 self.progress.append(target.filename)
@@ -345,11 +364,15 @@ def publish(
     *,
     fs: FileSystem = REAL,
     progress: list[str] | None = None,
+    removes: Sequence[str] = (),
+    families: Sequence[tuple[str, Sequence[str]]] = (),
+    on_published: Callable[[], object] | None = None,
 ) -> tuple[pathlib.Path, ...]:
     """Run the protocol: ``produce(publisher)`` writes the snapshot under a temporary name
     of the publisher's (``new_temp`` or ``adopt``) and returns it; it is then published
-    under every target and old versions are pruned. ``progress`` (if given) receives
-    each target's filename as soon as its name holds the new snapshot.
+    under every target, ``on_published()`` is called, and old versions are pruned
+    (``removes`` and ``families``: see ``prune``). ``progress`` (if given) receives
+    each target's filename just before its name may hold the new snapshot.
 
     Raises ``CheckpointWriteError`` (``published``: the names already switched).
     """
@@ -379,20 +402,50 @@ def publish(
     except BaseException:
         publisher.undo()
         raise
-    prune(directory, targets, kind, fs=fs)  # only now that the new versions are committed
+    if on_published is not None:
+        try:
+            on_published()
+        except Exception as error:  # noqa: BLE001 - the snapshot is committed: a report never undoes that
+            logger.warning("could not report the save of %s: %s: %s", described, type(error).__name__, error)
+    prune(directory, targets, kind, fs=fs, removes=removes, families=families)  # only now: committed
     return paths
 
 
-def prune(
-    directory: pathlib.Path, targets: Sequence[Target], kind: EntryKind, *, fs: FileSystem = REAL
-) -> tuple[pathlib.Path, ...]:
-    """Delete the archived versions beyond each target's ``keep`` (``ckptfn.core.retention.plan_prune``).
+def _doomed(
+    targets: Sequence[Target], kind: EntryKind, names: Sequence[str],
+    removes: Sequence[str], families: Sequence[tuple[str, Sequence[str]]],
+) -> list[tuple[str, str]]:
+    """``(name, why)`` of every entry ``prune`` deletes, in order."""
+    doomed = []
+    for target in targets:
+        final = kind.final_name(target.filename)
+        doomed += [(name, f"{final} keeps {target.keep} versions") for name in plan_prune(final, target.keep, names)]
+    for filename, kept in families:
+        family = kind.final_name(filename)
+        stays = [kind.final_name(name) for name in kept]
+        doomed += [(name, f"it left the top k of {family}") for name in plan_member_prune(family, stays, names)]
+    listed, chosen = set(names), {name for name, _ in doomed}
+    for name in removes:  # left the top k (when no family says so already)
+        final = kind.final_name(name)
+        if final in listed and final not in chosen:
+            doomed.append((final, "it left the top-k"))
+    return doomed
 
-    Runs after a snapshot is committed and only ever removes archived names, never a
-    current one, so a crash here loses no best. A failure to list or delete is logged
-    as a WARNING, not raised: the new checkpoint is safe, and the next save retries.
+
+def prune(
+    directory: pathlib.Path, targets: Sequence[Target], kind: EntryKind, *, fs: FileSystem = REAL,
+    removes: Sequence[str] = (), families: Sequence[tuple[str, Sequence[str]]] = (),
+) -> tuple[pathlib.Path, ...]:
+    """Delete the archived versions beyond each target's ``keep`` (``ckptfn.core.retention.plan_prune``),
+    the top-k members in ``removes``, and for each ``(filename, kept)`` of ``families`` any
+    member of ``filename`` not in ``kept`` (``ckptfn.core.retention.plan_member_prune``).
+
+    Runs after a snapshot is committed and only ever removes archived names and members
+    that left, never a current one, so a crash here loses no best. A failure to list or
+    delete is logged as a WARNING, not raised: the new checkpoint is safe, and the next
+    save retries.
     """
-    if all(target.keep is None for target in targets):
+    if all(target.keep is None for target in targets) and not removes and not families:
         return ()
     try:
         names = fs.listdir(directory)
@@ -400,19 +453,17 @@ def prune(
         logger.warning("could not list %s to remove old checkpoint versions: %s", directory, error)
         return ()
     removed = []
-    for target in targets:
-        final = kind.final_name(target.filename)
-        for name in plan_prune(final, target.keep, names):
-            path = directory / name
-            try:
-                kind.remove(fs, path)
-            except FileNotFoundError:
-                continue  # already gone (another writer pruned it)
-            except OSError as error:
-                logger.warning("could not remove old checkpoint version %s: %s", path, error)
-                continue
-            removed.append(path)
-            logger.info("removed %s: %s keeps %d versions", name, final, target.keep)
+    for name, why in _doomed(targets, kind, names, removes, families):
+        path = directory / name
+        try:
+            kind.remove(fs, path)
+        except FileNotFoundError:
+            continue  # already gone (another writer pruned it)
+        except OSError as error:
+            logger.warning("could not remove old checkpoint version %s: %s", path, error)
+            continue
+        removed.append(path)
+        logger.info("removed %s: %s", name, why)
     if removed:
         try:
             fs.fsync_dir(directory)

@@ -27,7 +27,7 @@ from ckptfn.core.config import as_config
 from ckptfn.core.metadata import FORMAT, decompose
 from ckptfn.io.archive import Archive, Damaged, check_archive, read_at
 from ckptfn.io.peek import Scanned, checked_metadata, metadata_of, scan
-from ckptfn.core.naming import DCP_SUFFIX, dcp_name
+from ckptfn.core.naming import DCP_SUFFIX, dcp_name, member_of, split_suffix
 from ckptfn.io.dcp import is_sharded_checkpoint, load_consolidated, read_sharded_metadata
 from ckptfn.core.state import State, restore_from_saves
 
@@ -211,7 +211,7 @@ def read_metadata(path: str | os.PathLike) -> dict:
     >>> metadata["epoch"], [(save["metric_name"], save["value"]) for save in metadata["saves"]]
     (3, [('val_loss', 0.5)])
     >>> sorted(metadata)
-    ['epoch', 'format', 'manager_state', 'metrics', 'saves', 'timestamp', 'versions']
+    ['epoch', 'format', 'global_step', 'manager_state', 'metrics', 'saves', 'timestamp', 'versions']
     """
     if _is_sharded(path):
         return read_sharded_metadata(path)
@@ -301,9 +301,42 @@ def restore_from_directory(
     ((Best(value=0.5, epoch=3), Best(value=None, epoch=None)), 4)
     """
     config = as_config(config)
-    found = saved_metadata(directory, (s.filename for s in config.strategies), unreadable=unreadable, verify=verify)
+    names = [s.filename for s in config.strategies] + member_files(config, directory)
+    found = saved_metadata(directory, names, unreadable=unreadable, verify=verify)
     steps = max((_saved_steps(meta) for meta in found.values() if meta), default=0)
     return restore_from_saves(config, found, steps)
+
+
+def member_files(config: object, directory: str | os.PathLike) -> list[str]:
+    """The names in ``directory`` of the top-k members of ``config``'s strategies (file form:
+    a sharded member ``best-epoch=3.dcp`` of ``best.pt`` is listed as ``best-epoch=3.pt``).
+
+    >>> import pathlib, tempfile, ckptfn
+    >>> with tempfile.TemporaryDirectory() as directory:
+    ...     for name in ("best_acc.pt", "best_acc-epoch=2.pt", "best_acc-epoch=3.dcp", "notes.txt"):
+    ...         _ = pathlib.Path(directory, name).write_bytes(b"")
+    ...     member_files(ckptfn.Strategy("acc", top_k=3), directory)
+    ['best_acc-epoch=2.pt', 'best_acc-epoch=3.pt']
+    """
+    families = [s.filename for s in as_config(config).strategies if getattr(s, "top_k", 1) > 1]
+    if not families:
+        return []
+    try:
+        listed = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    except OSError as error:
+        raise CheckpointError(f"cannot list the checkpoint directory {directory}: {error}") from error
+    found = set()
+    for filename in families:
+        suffix = split_suffix(filename)[1]
+        tree = dcp_name(filename)
+        for name in listed:
+            if member_of(name, filename):
+                found.add(name)
+            elif member_of(name, tree):
+                found.add(split_suffix(name)[0] + suffix)
+    return sorted(found)
 
 
 def _saved_steps(metadata: Mapping) -> int:

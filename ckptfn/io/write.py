@@ -108,9 +108,12 @@ def write_snapshot(
     fs: FileSystem = REAL,
     on_serialized: Callable[[], object] | None = None,
     progress: list[str] | None = None,
+    removes: Sequence[str] = (),
+    families: Sequence[tuple[str, Sequence[str]]] = (),
+    on_published: Callable[[], object] | None = None,
 ) -> tuple[pathlib.Path, ...]:
     """Write ``{"state_dict": payload, "metadata": metadata}`` once into a file and publish
-    it under every target.
+    it under every target (then prune: ``removes``, ``families``, see ``ckptfn.io.publish.prune``).
 
     ``metadata["layout"] == "flat"`` puts the payload's own keys at the top level
     instead (``ckptfn.core.metadata.compose``; Lightning checkpoints).
@@ -143,7 +146,10 @@ def write_snapshot(
             file.sync()
         return path
 
-    return publish(directory, targets, FILE, serialize, fs=fs, progress=progress)
+    return publish(
+        directory, targets, FILE, serialize, fs=fs, progress=progress,
+        removes=removes, families=families, on_published=on_published,
+    )
 
 
 def commit_tree(
@@ -154,6 +160,9 @@ def commit_tree(
     *,
     fs: FileSystem = REAL,
     progress: list[str] | None = None,
+    removes: Sequence[str] = (),
+    families: Sequence[tuple[str, Sequence[str]]] = (),
+    on_published: Callable[[], object] | None = None,
 ) -> tuple[pathlib.Path, ...]:
     """Publish the complete DCP tree ``temp`` (written by ``ckptfn.io.dcp.write_shards``)
     under every target's ``.dcp`` name, with ``ckptfn.json`` added (rank 0 only).
@@ -173,7 +182,10 @@ def commit_tree(
         return tree
 
     try:
-        return publish(directory, targets, TREE, add_metadata, fs=fs, progress=progress)
+        return publish(
+            directory, targets, TREE, add_metadata, fs=fs, progress=progress,
+            removes=removes, families=families, on_published=on_published,
+        )
     except BaseException:
         if os.path.lexists(temp):  # never adopted, or left holding a superseded tree: garbage either way
             try:
@@ -247,14 +259,22 @@ def write(
     progress: list[str] = []
     directory = pathlib.Path(directory)
     seam = {} if fs is None else {"fs": fs}
+
+    def say_saved() -> None:  # before the prune's "removed" lines
+        for save in snapshot.saves:
+            logger.info("%s", save_line(save))
+
+    after = {"removes": snapshot.removes, "families": snapshot.families, "on_published": say_saved}
     try:
         if tree is None:
             paths = write_snapshot(
                 directory, snapshot.targets, payload, snapshot.metadata, on_serialized=on_serialized,
-                progress=progress, **seam,
+                progress=progress, **after, **seam,
             )
         else:
-            paths = commit_tree(directory, tree, snapshot.targets, snapshot.metadata, progress=progress, **seam)
+            paths = commit_tree(
+                directory, tree, snapshot.targets, snapshot.metadata, progress=progress, **after, **seam
+            )
     except BaseException as error:  # noqa: BLE001 - handed back; the shell raises it after committing
         kind = TREE if tree is not None else FILE
         if isinstance(error, Exception):  # the protocol says exactly which names hold the new snapshot
@@ -265,6 +285,4 @@ def write(
             names = [t.filename for t in snapshot.targets if t.filename in progress]
             published = tuple(directory / kind.final_name(name) for name in names)
         return Written(published, Outcome.failure(snapshot.filenames, names), error)
-    for save in snapshot.saves:
-        logger.info("%s", save_line(save))
     return Written(paths, Outcome.success(snapshot.filenames))

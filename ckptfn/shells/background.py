@@ -43,6 +43,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from ckptfn.core.actions import Periodic, Save, Skip
 from ckptfn.core.commit import Outcome
+from ckptfn.core.summary import skip_line
 from ckptfn.core.errors import CheckpointWriteError, MetricWarning
 from ckptfn.core.snapshot import partition
 from ckptfn.core.state import State
@@ -284,7 +285,7 @@ class AsyncExecutor(ClosesOnExit):
 
 def _warn_skips(skips: Iterable[Skip]) -> None:
     for skip in skips:
-        warnings.warn(str(skip), MetricWarning, stacklevel=3)
+        warnings.warn(skip_line(skip), MetricWarning, stacklevel=3)
 
 
 def raise_as_write_error(written: Written) -> None:

@@ -232,14 +232,14 @@ class Coordinator:
     def _is_sharded(self, payload: object) -> bool:
         return self.sharded if self.sharded is not None else contains_sharded(payload)
 
-    def _decide(self, state: State, metrics: Mapping, payload: object, epoch: int | None):
+    def _decide(self, state: State, metrics: Mapping, payload: object, position: Mapping):
         """Rank 0 steps and shares ``(decision, sharded, temp name)``; every rank returns
         ``(new_state, actions, sharded, temp name, snapshot)``, the snapshot on rank 0 only.
         A failure on rank 0 (a bad metric, ...) is raised on every rank."""
         ranks = self.ranks
         if ranks.is_coordinator:
             try:
-                new_state, actions = step(state, metrics, epoch)
+                new_state, actions = step(state, metrics, **position)
                 saves, _ = partition(actions)
                 snapshot = plan(saves, state=new_state, metrics=metrics) if saves else None
                 sharded = bool(saves) and self._is_sharded(payload)
@@ -273,11 +273,12 @@ class Coordinator:
         return tuple(pathlib.Path(path) for path in result), state, None
 
     def update(
-        self, state: State, metrics: Mapping, payload: object, epoch: int | None, *, barrier: bool
+        self, state: State, metrics: Mapping, payload: object, position: Mapping, *, barrier: bool
     ) -> Coordinated:
-        """``CheckpointManager.update`` across ranks: rank 0 decides for everyone (one broadcast)."""
+        """``CheckpointManager.update`` across ranks: rank 0 decides for everyone (one broadcast).
+        ``position``: the keywords of ``step`` (``epoch``, ``global_step``, ``now``)."""
         self._check_once()
-        new_state, actions, sharded, temp, snapshot = self._decide(state, metrics, payload, epoch)
+        new_state, actions, sharded, temp, snapshot = self._decide(state, metrics, payload, position)
         saves, _ = partition(actions)
         if not saves:
             return Coordinated(new_state, actions, ())

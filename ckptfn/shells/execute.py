@@ -9,6 +9,7 @@ import warnings
 from collections.abc import Iterable, Mapping
 
 from ckptfn.core.actions import Periodic, Save, Skip
+from ckptfn.core.summary import skip_line
 from ckptfn.core.errors import MetricWarning
 from ckptfn.core.snapshot import partition
 from ckptfn.core.state import State
@@ -43,7 +44,7 @@ def execute(
     """
     saves, skips = partition(actions)
     for skip in skips:
-        warnings.warn(str(skip), MetricWarning, stacklevel=2)
+        warnings.warn(skip_line(skip), MetricWarning, stacklevel=2)
     if not saves:
         return ()
     written = write(directory, plan(saves, state=state, metrics=metrics, now=now), payload)

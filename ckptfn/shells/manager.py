@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import pathlib
+import time
 from collections.abc import Mapping
 
 from ckptfn.core.commit import roll_back
@@ -137,11 +138,20 @@ class CheckpointManager(ClosesOnExit):
     # --- the training-loop call ------------------------------------------------------------
 
     def update(
-        self, metrics_dict: Mapping, model_state_dict: object, epoch: int, *, barrier: bool = False
+        self,
+        metrics_dict: Mapping,
+        model_state_dict: object,
+        epoch: int | None = None,
+        *,
+        global_step: int | None = None,
+        barrier: bool = False,
     ) -> list[pathlib.Path]:
-        """Judge this epoch's metrics and save whatever improved: the files written, in strategy order.
+        """Judge this validation's metrics and save whatever improved: the files written, in strategy order.
 
         ``model_state_dict`` may be any payload, e.g. ``{"model": ..., "optimizer": ...}``.
+        ``epoch`` (default: the number of decisions so far) and ``global_step`` (optimizer
+        steps completed; needed by ``Every(n_steps=...)``) are recorded in every file.
+        ``Every(seconds=...)`` measures this process's monotonic clock.
 
         With ``async_save=True`` it returns the files being written in the
         background; a failure of that write is raised by the next ``update``,
@@ -156,17 +166,18 @@ class CheckpointManager(ClosesOnExit):
         """
         if self._closed:
             raise RuntimeError(f"{self!r} is closed")
+        position = {"epoch": epoch, "global_step": global_step, "now": time.monotonic()}
         coordinator = self._coordination()
         if coordinator is not None:
             old = self.state
             self._in_doubt = True
-            result = coordinator.update(old, metrics_dict, model_state_dict, epoch, barrier=barrier)
+            result = coordinator.update(old, metrics_dict, model_state_dict, position, barrier=barrier)
             self._state, self._in_doubt = result.state, False
             self._seen_skips = report_skips(self._seen_skips, result.actions, loud=coordinator.is_coordinator)
             result.raise_error()
             return list(result.paths)
         old = self.state
-        new, actions = step(old, metrics_dict, epoch)
+        new, actions = step(old, metrics_dict, **position)
         saves, _ = partition(actions)
         snapshot = plan(saves, state=new, metrics=metrics_dict) if saves else None
         if self._writer is not None:
@@ -279,16 +290,18 @@ class CheckpointManager(ClosesOnExit):
         A bare file name goes into ``output_dir``; a path with a directory part is
         used as given. With ``overwrite=False`` an existing file is first kept under
         its timestamped archive name. ``metadata`` (plain data) is merged into the
-        top level of the file's metadata; its ``epoch`` becomes the file's epoch,
-        any other reserved key is a ``ValueError``.
+        top level of the file's metadata; its ``epoch`` and ``global_step`` become the
+        file's, any other reserved key is a ``ValueError``.
         """
         path = pathlib.Path(filepath)
         directory = self.output_dir if path.parent == pathlib.Path() and not path.is_absolute() else path.parent
         extra = dict(metadata or {})
         epoch = extra.pop("epoch", None)
+        global_step = extra.pop("global_step", None)
         file_metadata = build_metadata(
             [],
             epoch=epoch,
+            global_step=global_step,
             timestamp=timestamp_iso(utc_now()),
             metrics=None,
             manager_state=self.state.to_dict(),

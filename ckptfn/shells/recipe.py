@@ -26,6 +26,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from ckptfn.core.actions import Periodic, Save, Skip
 from ckptfn.core.commit import commit
 from ckptfn.core.errors import MetricWarning
+from ckptfn.core.summary import skip_line
 from ckptfn.core.snapshot import Snapshot, plan_snapshot
 from ckptfn.core.state import State
 from ckptfn.core.step import new_skips
@@ -104,21 +105,23 @@ def report_skips(
     repeats at DEBUG; the grown ``seen`` set. ``loud=False`` (a rank other than 0) says nothing.
 
     >>> import warnings, ckptfn
-    >>> state = ckptfn.init(ckptfn.Strategy("val_loss"))
-    >>> _, actions = ckptfn.step(state, {"train_loss": 0.3}, epoch=0)
+    >>> state = ckptfn.init(ckptfn.Strategy("val_loss", on_missing="warn"))
+    >>> _, actions = ckptfn.step(state, {"train_loss": 0.3, "val_los": 0.2}, epoch=0)
     >>> with warnings.catch_warnings(record=True) as caught:
     ...     warnings.simplefilter("always")
     ...     seen = report_skips(frozenset(), actions)
     ...     seen = report_skips(seen, actions)  # the same skip again: DEBUG only
     >>> [(w.category.__name__, str(w.message)) for w in caught]
-    [('MetricWarning', 'val_loss is missing at epoch 0; best_val_loss.pt not saved (further such epochs are logged at DEBUG)')]
+    [('MetricWarning', "val_loss is missing at epoch 0; best_val_loss.pt not saved; the metrics are: train_loss, val_los (did you mean 'val_los'?) (further such epochs are logged at DEBUG)")]
     >>> len(seen)
     1
     """
     seen, first, repeats = new_skips(seen, (action for action in actions if isinstance(action, Skip)))
     if loud:
         for skip in first:
-            warnings.warn(f"{skip} (further such epochs are logged at DEBUG)", MetricWarning, stacklevel=stacklevel + 1)
+            warnings.warn(
+                f"{skip_line(skip)} (further such epochs are logged at DEBUG)", MetricWarning, stacklevel=stacklevel + 1
+            )
         for skip in repeats:
             logger.debug("%s", skip)
     return seen

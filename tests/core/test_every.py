@@ -59,7 +59,7 @@ def test_with_gaps_it_saves_at_the_first_validated_epoch_after_each_period(every
 @given(mixed_runs())
 def test_every_never_interferes_with_best_strategies(run):
     config, _, history = run
-    metric_only = Config(tuple(s for s in config.strategies if isinstance(s, Strategy)))
+    metric_only = Config(tuple(s for s in config.strategies if isinstance(s, Strategy)), on_missing=config.on_missing)
     mixed_final, mixed_steps = scan(init(config), history)
     plain_final, plain_steps = scan(init(metric_only), history)
     assert [tuple(a for a in s if not isinstance(a, Periodic)) for s in mixed_steps] == list(plain_steps)
@@ -123,7 +123,7 @@ def test_from_mapping_reads_every_n_epochs():
 @pytest.mark.parametrize(
     "obj, message",
     [
-        ([{"every_n_epochs": 2, "mode": "max"}], "[0]: unknown key 'mode'; valid keys: every_n_epochs, filename, overwrite, keep"),
+        ([{"every_n_epochs": 2, "mode": "max"}], "[0]: unknown key 'mode'; valid keys: every_n_epochs, every_n_steps, every_seconds, filename, overwrite, keep"),
         ([{"every_n_epochs": 0}], "[0].every_n_epochs: expected an int >= 1, got int 0"),
         ([{"metric_name": "a", "every_n_epochs": 1}], "[0].every_n_epochs: a strategy either watches a metric"),
         ([{"every_n_epochs": 1}, {"metric_name": "a", "filename": "last.pt"}], "[1].filename: 'last.pt' is already used by [0]"),
@@ -149,7 +149,7 @@ def test_to_dict_of_every_and_restore_by_identity():
     config = Config([Strategy("val_loss"), Every(2, filename="last.pt")])
     state, _ = scan(init(config), [{"val_loss": 1.0}, {"val_loss": 2.0}])
     data = state.to_dict()
-    assert data["strategies"][1] == {"every_n_epochs": 2, "filename": "last.pt", "overwrite": True, "keep": None, "last_epoch": 1}
+    assert data["strategies"][1] == {"every_n_epochs": 2, "filename": "last.pt", "overwrite": True, "keep": None, "last_epoch": 1, "last_global_step": None}
     # a changed period keeps the last save (same file); a renamed file starts fresh
     assert ckptfn.restore([Strategy("val_loss"), Every(3, filename="last.pt")], data).bests[1] == Last(1)
     assert ckptfn.restore([Strategy("val_loss"), Every(2, filename="latest.pt")], data).bests[1] == Last()
@@ -188,7 +188,7 @@ def test_a_periodic_save_shares_the_one_write_with_best_saves(tmp_path):
     assert [op for op, _ in fs.ops].count("create") == 1
     assert sum(args[0] for op, args in fs.ops if op == "write") == paths[0].stat().st_size
     saves = ckptfn.read_metadata(tmp_path / "last.pt")["saves"]
-    assert saves[2] == {"every_n_epochs": 1, "filename": "last.pt", "overwrite": True, "epoch": 0}
+    assert saves[2] == {"every_n_epochs": 1, "filename": "last.pt", "overwrite": True, "epoch": 0, "global_step": None}
 
 
 def test_restore_from_directory_reads_the_last_periodic_save(tmp_path):
@@ -211,8 +211,8 @@ def test_manager_saves_last_every_epoch_and_summarizes_it(tmp_path, caplog):
     assert written == [["best_loss.pt", "last.pt"], ["last.pt"], ["best_loss.pt", "last.pt"]]
     assert os.stat(tmp_path / "best_loss.pt").st_ino == os.stat(tmp_path / "last.pt").st_ino
     assert manager.best_values == {"best_loss.pt": 0.5}
-    assert manager.summary().splitlines()[1] == f"every 1 epoch(s) (last.pt): last saved at epoch 2 -> {tmp_path / 'last.pt'}"
-    assert CheckpointManager(tmp_path / "new", [Every(3)]).summary() == "every 3 epoch(s) (last.pt): never saved"
+    assert manager.summary().splitlines()[1] == f"every 1 epoch (last.pt): last saved at epoch 2 -> {tmp_path / 'last.pt'}"
+    assert CheckpointManager(tmp_path / "new", [Every(3)]).summary() == "no checkpoints yet (1 strategy)"
     resumed = CheckpointManager(tmp_path, manager.config, resume=True)
     assert resumed.state.bests == manager.state.bests
     caplog.clear()

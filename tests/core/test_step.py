@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import ckptfn
-from ckptfn import Save, Skip, init, scan, step
+from ckptfn import Config, Save, Skip, init, scan, step
 from ckptfn.core.metrics import MISSING
 
 from tests.strategies import logical_histories, min_deltas, rendered, runs
@@ -83,8 +83,8 @@ def test_max_on_x_saves_when_min_on_minus_x_saves(min_delta, logical):
     def history(sign):
         return [{} if e["val_loss"] is MISSING else {"val_loss": sign * e["val_loss"]} for e in logical]
 
-    as_max = ckptfn.Strategy("val_loss", mode="max", min_delta=min_delta)
-    as_min = ckptfn.Strategy("val_loss", mode="min", min_delta=min_delta)
+    as_max = ckptfn.Strategy("val_loss", mode="max", min_delta=min_delta, on_missing="warn")
+    as_min = ckptfn.Strategy("val_loss", mode="min", min_delta=min_delta, on_missing="warn")
     _, max_steps = scan(init(as_max), history(1))
     _, min_steps = scan(init(as_min), history(-1))
 
@@ -115,7 +115,7 @@ def test_strategies_do_not_interfere(run):
     config, _, history = run
     multi_final, multi_steps = scan(init(config), history)
     for index, strategy in enumerate(config.strategies):
-        single_final, single_steps = scan(init(strategy), history)
+        single_final, single_steps = scan(init(Config([strategy], on_missing="warn")), history)
         assert [tuple(a for a in s if a.strategy == strategy) for s in multi_steps] == list(
             single_steps
         )

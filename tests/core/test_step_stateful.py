@@ -75,7 +75,7 @@ class CoreMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def drop_a_strategy_and_restore(self, data):
         gone = data.draw(st.sampled_from(self.config.strategies))
-        self.config = ckptfn.Config(tuple(s for s in self.config.strategies if s != gone))
+        self.config = ckptfn.Config(tuple(s for s in self.config.strategies if s != gone), on_missing=self.config.on_missing)
         self.state = ckptfn.restore(self.config, self.state.to_dict())
         del self.model[gone.filename]
 

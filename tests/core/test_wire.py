@@ -41,7 +41,7 @@ def same_actions(a, b) -> bool:
 @given(runs(), st.data())
 def test_every_rank_rebuilds_rank_0s_decision_whatever_its_own_metrics(run, data):
     config, _logical, history = run
-    config = Config(config.strategies + (Every(2, filename="last.pt"),))
+    config = Config(config.strategies + (Every(2, filename="last.pt"),), on_missing=config.on_missing)
     leader = follower = init(config)
     for metrics in history:
         if data.draw(st.booleans()):  # a follower that diverged (e.g. missed a write's outcome)...
@@ -55,7 +55,7 @@ def test_every_rank_rebuilds_rank_0s_decision_whatever_its_own_metrics(run, data
 
 
 def test_a_rank_configured_differently_is_told_so():
-    state, actions = step(init([Strategy("val_loss"), Strategy("val_corr", mode="max")]), {"val_loss": 1.0})
+    state, actions = step(init([Strategy("val_loss"), Strategy("val_corr", mode="max")]), {"val_loss": 1.0, "val_corr": 0.5})
     other = init([Strategy("val_corr", mode="max"), Strategy("val_loss")]).config
     with pytest.raises(ConfigError, match=r"rank 0 decides for strategies \['best_val_loss.pt', 'best_val_corr.pt'\]"):
         decision_from_wire(other, decision_to_wire(state, actions))

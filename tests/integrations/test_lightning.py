@@ -89,6 +89,7 @@ class Recorder(lightning.Callback):
 
     def __init__(self) -> None:
         self.metrics: list[tuple[int, dict]] = []
+        self.global_steps: list[int] = []
         self.state_at_start = None
 
     def on_train_epoch_start(self, trainer, pl_module):
@@ -97,13 +98,15 @@ class Recorder(lightning.Callback):
 
     def on_train_epoch_end(self, trainer, pl_module):
         self.metrics.append((trainer.current_epoch, ckptfn_lightning.plain_metrics(trainer.callback_metrics)))
+        self.global_steps.append(trainer.global_step)
 
 
-def oracle(config, recorded):
-    """The pure core over the same metrics: the final state and each epoch's actions."""
+def oracle(config, recorded, global_steps=None):
+    """The pure core over the same metrics (and global steps): the final state and each epoch's actions."""
     state, per_epoch = ckptfn.init(config), []
-    for epoch, metrics in recorded:
-        state, actions = ckptfn.step(state, metrics, epoch)
+    for index, (epoch, metrics) in enumerate(recorded):
+        at = None if global_steps is None else global_steps[index]
+        state, actions = ckptfn.step(state, metrics, epoch, global_step=at)
         per_epoch.append(actions)
     return state, per_epoch
 
@@ -130,7 +133,7 @@ def test_the_right_files_appear_with_the_decisions_of_the_pure_core(first_run):
     root, callback, recorder, fit = first_run
     assert callback.dirpath == root / "checkpoints"  # like ModelCheckpoint without a logger
     assert fit.checkpoint_callbacks == [callback]  # no default ModelCheckpoint writing on its own
-    expected_state, per_epoch = oracle(callback.config, recorder.metrics)
+    expected_state, per_epoch = oracle(callback.config, recorder.metrics, recorder.global_steps)
     assert [e for e, _ in recorder.metrics] == [0, 1, 2, 3, 4]
     assert callback.state == expected_state
     names = sorted(os.listdir(callback.dirpath))
@@ -184,7 +187,7 @@ def test_bytes_written_per_epoch_stay_one_payload_when_several_metrics_improve(t
         assert len({stat.st_ino for stat in stats}) == 1  # every name of the epoch is one file
 
 
-@pytest.mark.parametrize("op, at, expected", [("write", 0, (Last(0), Last(0))), ("replace", 1, (Last(1), Last(0)))])
+@pytest.mark.parametrize("op, at, expected", [("write", 0, (0, 0)), ("replace", 1, (1, 0))])
 def test_a_failed_write_stops_fit_and_leaves_a_state_that_matches_the_files(tmp_path, monkeypatch, op, at, expected):
     calls = []
 
@@ -197,8 +200,8 @@ def test_a_failed_write_stops_fit_and_leaves_a_state_that_matches_the_files(tmp_
     with pytest.raises(CheckpointWriteError, match="No space left on device"):
         trainer(3, [callback]).fit(make_model(), *loaders())
     assert len(calls) == 2
-    assert callback.state.bests == expected  # after replace #1 failed, a.ckpt held epoch 1 and b.ckpt epoch 0
-    assert ckptfn.restore_from_directory(callback.config, tmp_path).bests == expected
+    assert tuple(b.epoch for b in callback.state.bests) == expected  # after replace #1 failed, a.ckpt held epoch 1, b.ckpt epoch 0
+    assert ckptfn.restore_from_directory(callback.config, tmp_path).bests == callback.state.bests
 
 
 # --- resuming ------------------------------------------------------------------------------
@@ -231,7 +234,7 @@ def test_resume_never_replaces_a_better_file_written_after_the_checkpoint(tmp_pa
     resumed, recorder = Checkpointing(config, dirpath=tmp_path), Recorder()
     trainer(4, [resumed, recorder]).fit(make_model(), loaders(sabotaged=True)[0], val, ckpt_path=tmp_path / "last.ckpt")
     assert recorder.state_at_start.bests[0] == best_before  # the file's best, not epoch 1's from last.ckpt
-    assert recorder.state_at_start.bests[1] == Last(1)  # periodic saves follow the resumed run
+    assert recorder.state_at_start.bests[1].epoch == 1  # periodic saves follow the resumed run
     assert [e for e, _ in recorder.metrics] == [2, 3]
     assert ckptfn.read_metadata(tmp_path / "best_loss.ckpt")["saves"][0]["value"] <= best_before.value
 
@@ -318,7 +321,12 @@ def test_with_validation_every_second_epoch_every_3_still_saves_each_period(tmp_
 
 def test_without_validation_it_decides_at_the_end_of_each_training_epoch(tmp_path):
     train, _ = loaders()
-    callback = Checkpointing([Strategy("val_loss"), Every(2, filename="last.ckpt")], dirpath=tmp_path)
+    strict = Checkpointing([Strategy("val_loss"), Every(2, filename="last.ckpt")], dirpath=tmp_path / "strict")
+    with pytest.raises(ckptfn.MissingMetricError, match="'val_loss' .* the metrics are: train_loss"):
+        trainer(4, [strict], limit_val_batches=0).fit(make_model(), train)  # like ModelCheckpoint(monitor=...)
+    assert not (tmp_path / "strict").exists()
+    config = ckptfn.Config([Strategy("val_loss"), Every(2, filename="last.ckpt")], on_missing="warn")
+    callback = Checkpointing(config, dirpath=tmp_path)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer(4, [callback], limit_val_batches=0).fit(make_model(), train)

@@ -93,7 +93,7 @@ def test_read_metadata_matches_load_and_map_location(good):
 @pytest.mark.filterwarnings("ignore::ckptfn.MetricWarning")
 def test_restore_from_directory_trusts_the_files(tmp_path):
     config = ckptfn.Config([Strategy("val_loss", filename="best_loss.pt"), Strategy("val_corr", mode="max", filename="best_corr.pt"),
-                            Strategy("mse", filename="best_mse.pt")])
+                            Strategy("mse", filename="best_mse.pt")], on_missing="warn")
     state = init(config)
     for epoch, metrics in enumerate([{"val_loss": 1.0, "val_corr": 0.1}, {"val_loss": 0.5, "val_corr": 0.05}]):
         state, actions = step(state, metrics)

@@ -91,7 +91,7 @@ def test_saved_file_is_complete_and_restores_model_and_optimizer_exactly(tmp_pat
     assert meta["timestamp"] == "2026-11-29T13:15:00.123456+00:00"
     assert meta["saves"] == [
         {"metric_name": "val_loss", "mode": "min", "filename": "best_loss.pt", "overwrite": True,
-         "min_delta": 0.0, "value": 0.31, "previous": None, "epoch": 7}
+         "min_delta": 0.0, "value": 0.31, "previous": None, "epoch": 7, "global_step": None}
     ]
     assert meta["metrics"] == {"val_loss": 0.31, "loss_components.mse": 0.2}
     assert meta["manager_state"] == state.to_dict()
@@ -381,7 +381,7 @@ def test_readers_ignore_temp_files(tmp_path):
 
 
 def test_skips_warn_and_saves_log(tmp_path, caplog):
-    state = init(THREE)
+    state = init(ckptfn.Config(THREE.strategies, on_missing="warn"))
     state, actions = step(state, {"val_loss": float("nan"), "val_residual_spearman": 0.4})
     with caplog.at_level(logging.INFO, logger="ckptfn"), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -389,7 +389,8 @@ def test_skips_warn_and_saves_log(tmp_path, caplog):
     messages = [str(w.message) for w in caught if issubclass(w.category, ckptfn.MetricWarning)]
     assert messages == [
         "val_loss is not finite (nan) at epoch 0; best_loss.pt not saved",
-        "loss_components.concordance is missing at epoch 0; best_concordance.pt not saved",
+        "loss_components.concordance is missing at epoch 0; best_concordance.pt not saved; "
+        "the metrics are: val_loss, val_residual_spearman",
     ]
     assert [p.name for p in paths] == ["best_corr.pt"]
     assert "saved best_corr.pt: val_residual_spearman 0.4000 (was none) at epoch 0" in caplog.messages

@@ -42,7 +42,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ckptfn
-from ckptfn import CheckpointError, Config, ConfigError, MetricTypeError, Save, Skip, Strategy
+from ckptfn import CheckpointError, Config, ConfigError, MetricTypeError, MissingMetricError, Save, Skip, Strategy
 from ckptfn.core.config import STRATEGY_KEYS
 
 from tests.reliability.common import ROOT, Tally, clock
@@ -256,9 +256,16 @@ def fuzz_metrics(tally: Tally, examples: int) -> None:
         state = ckptfn.init(FUZZ_CONFIG)
         try:
             for _ in range(warm):
-                state, _ = ckptfn.step(state, {"val_loss": 1.0, "val_corr": 0.0, "loss_components": {"concordance": 1.0}})
+                state, _ = ckptfn.step(
+                    state, {"val_loss": 1.0, "val_corr": 0.0, "loss_components": {"concordance": 1.0}, "a": {"b": 1.0}}
+                )
             new, actions = ckptfn.step(state, metrics)
         except MetricTypeError:
+            return
+        except MissingMetricError as error:  # documented: only for a strategy that never saved
+            never_saved = [s.metric_name for s, b in zip(FUZZ_CONFIG.strategies, state.bests) if b.value is None]
+            if not any(repr(name) in str(error) for name in never_saved):
+                tally.problem(SECTION, METRICS, "unexpected", f"MissingMetricError for a strategy that saved: {error}")
             return
         except Exception as error:  # noqa: BLE001
             tally.problem(SECTION, METRICS, "unexpected", f"{type(error).__name__}: {error} for {metrics!r:.300}")

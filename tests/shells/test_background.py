@@ -442,7 +442,7 @@ def test_roll_back_takes_exactly_the_named_strategies_from_the_disk(run, data):
 
 def test_the_executor_warns_about_skips_and_raises_a_failure_on_the_next_submit(tmp_path, monkeypatch):
     use_fs(monkeypatch, FailingFS("fsync"))
-    state = ckptfn.init([Strategy("val_loss"), Strategy("val_corr", mode="max")])
+    state = ckptfn.init([Strategy("val_loss"), Strategy("val_corr", mode="max", on_missing="warn")])
     with AsyncExecutor() as writer:
         state, actions = ckptfn.step(state, {"val_loss": 0.5}, 0)
         with pytest.warns(MetricWarning, match="val_corr is missing"):
