@@ -60,3 +60,19 @@ def test_trainer_from_the_composed_config(tmp_path):
     cfg = composed("epochs=3", f"output_dir={tmp_path}")
     bests = Trainer(cfg.output_dir, cfg.checkpointing, epochs=cfg.epochs, seed=cfg.seed).fit()
     assert set(bests) == {"best_loss.pt", "best_concordance.pt", "best_corr.pt"}
+
+
+def test_step_based_group_reads_steps_seconds_top_k_and_on_missing(tmp_path):
+    cfg = composed("checkpointing=step_based", "checkpointing.strategies.1.every_n_steps=2")
+    manager = CheckpointManager(tmp_path, cfg.checkpointing)
+    top, by_steps, by_clock = manager.config.strategies
+    assert (top.filename, top.top_k, manager.config.on_missing) == ("best_val_loss.pt", 3, "error")
+    assert (by_steps.n_steps, by_clock.seconds) == (2, 1800.0)
+    for step, loss in ((1, 0.5), (2, 0.4), (3, 0.6), (4, 0.7)):
+        manager.update({"val/loss": loss}, {}, 0, global_step=step)
+    assert ckptfn.read_metadata(tmp_path / "last.pt")["global_step"] == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "best_val_loss-epoch=0-step=1.pt", "best_val_loss-epoch=0-step=3.pt", "best_val_loss.pt", "last.pt", "last_by_clock.pt",
+    ]
+    with pytest.raises(ConfigError, match=r"strategies\[1\].every_n_steps: expected an int >= 1, got int 0"):
+        CheckpointManager(tmp_path / "bad", composed("checkpointing=step_based", "checkpointing.strategies.1.every_n_steps=0").checkpointing)

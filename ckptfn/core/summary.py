@@ -12,7 +12,16 @@ from ckptfn.core.every import Every
 from ckptfn.core.metrics import missing_hint
 from ckptfn.core.state import State
 
-__all__ = ["format_value", "format_values", "position", "save_line", "skip_line", "summary_lines"]
+__all__ = ["count_of", "format_value", "format_values", "position", "save_line", "skip_line", "summary_lines"]
+
+
+def count_of(count: int, noun: str, plural: str | None = None) -> str:
+    """``1 strategy``, ``3 strategies``: a count with its noun in the right number.
+
+    >>> count_of(1, "strategy", "strategies"), count_of(3, "strategy", "strategies"), count_of(0, "file")
+    ('1 strategy', '3 strategies', '0 files')
+    """
+    return f"{count} {noun if count == 1 else (plural or noun + 's')}"
 
 
 def format_value(value: float | None, digits: int = 4) -> str:
@@ -119,8 +128,7 @@ def summary_lines(state: State, path_of: Callable[[str], str]) -> tuple[str, ...
         return ("checkpointing is off (no strategies)",)
     lines = [] if config.enabled else ["checkpointing is disabled"]
     if all(best.epoch is None and not getattr(best, "others", ()) for best in state.bests):
-        count = len(config.strategies)
-        return (*lines, f"no checkpoints yet ({count} {'strategy' if count == 1 else 'strategies'})")
+        return (*lines, f"no checkpoints yet ({count_of(len(config.strategies), 'strategy', 'strategies')})")
     for strategy, best in zip(config.strategies, state.bests):
         if isinstance(strategy, Every):
             saved = (

@@ -37,11 +37,12 @@ from ckptfn.core.every import Every
 from ckptfn.core.metrics import metric_value
 from ckptfn.core.snapshot import partition
 from ckptfn.core.state import State, restore, resume_state
+from ckptfn.core.summary import count_of
 from ckptfn.core.step import best_values, init, step
 from ckptfn.integrations import lightning_internals
 from ckptfn.io.read import restore_from_directory
 from ckptfn.io.write import write
-from ckptfn.shells.recipe import plan, report_skips, state_to_keep
+from ckptfn.shells.recipe import plan, report_skips, state_to_keep, user_stacklevel
 
 __all__ = ["Checkpointing"]
 
@@ -233,7 +234,7 @@ class Checkpointing(Checkpoint):
         return os.fspath(self.dirpath / filename) if self.dirpath is not None else filename
 
     def __repr__(self) -> str:
-        return f"Checkpointing({len(self.config.strategies)} strategies, dirpath={self.dirpath!r})"
+        return f"Checkpointing({count_of(len(self.config.strategies), 'strategy', 'strategies')}, dirpath={self.dirpath!r})"
 
     # --- the decision and the write ---------------------------------------------------------
 
@@ -266,7 +267,9 @@ class Checkpointing(Checkpoint):
         old = self.state
         new, actions = step(old, metrics, trainer.current_epoch, global_step=trainer.global_step, now=now)
         saves, _ = partition(actions)
-        self._seen_skips = report_skips(self._seen_skips, actions, stacklevel=1, loud=trainer.is_global_zero)
+        self._seen_skips = report_skips(
+            self._seen_skips, actions, stacklevel=user_stacklevel(skip=("lightning", "torch")), loud=trainer.is_global_zero
+        )
         if not saves:
             self.state = new
             return

@@ -26,8 +26,8 @@ from ckptfn.core.naming import timestamp_iso
 from ckptfn.core.snapshot import Snapshot, Target, partition
 from ckptfn.core.state import State, restore
 from ckptfn.core.step import best_values, init, step
-from ckptfn.core.summary import summary_lines
-from ckptfn.io.read import load_checkpoint, read_metadata, restore_from_directory
+from ckptfn.core.summary import count_of, summary_lines
+from ckptfn.io.read import load_checkpoint, member_files, read_metadata, restore_from_directory
 from ckptfn.io.write import interrupts_deferred, serialization_context, versions, write
 from ckptfn.shells.background import AsyncExecutor, ClosesOnExit, raise_as_write_error
 from ckptfn.shells.distributed import SOLO, Coordinator, find_group
@@ -344,7 +344,7 @@ class CheckpointManager(ClosesOnExit):
         return "\n".join(summary_lines(self.state, lambda name: str(self.output_dir / name)))
 
     def __repr__(self) -> str:
-        return f"CheckpointManager({str(self.output_dir)!r}, {len(self.config.strategies)} strategies, best={self.best_values})"
+        return f"CheckpointManager({str(self.output_dir)!r}, {count_of(len(self.config.strategies), 'strategy', 'strategies')}, best={self.best_values})"
 
     def _warn_about_existing_files(self) -> None:
         """With ``resume=False``, say what configured names already hold and what will happen to them
@@ -370,6 +370,9 @@ class CheckpointManager(ClosesOnExit):
                 f"{strategy.filename} (epoch {metadata.get('epoch')}, {strategy.metric_name}={entry.get('value')}) "
                 f"will be {fate} at the first new best"
             )
+        members = member_files(self.config, self.output_dir)
+        if members:
+            found.append(f"the top-k members {', '.join(members)} will be deleted at their strategy's first save")
         if found:
             logger.warning(
                 "%s already holds checkpoints and resume=False, so bests start from scratch: %s. "

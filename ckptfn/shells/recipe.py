@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import sys
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -33,7 +34,7 @@ from ckptfn.core.step import new_skips
 from ckptfn.io.read import restore_from_directory
 from ckptfn.io.write import Written, versions
 
-__all__ = ["plan", "report_skips", "state_to_keep", "utc_now"]
+__all__ = ["plan", "report_skips", "state_to_keep", "user_stacklevel", "utc_now"]
 
 logger = logging.getLogger("ckptfn")
 
@@ -98,11 +99,34 @@ def state_to_keep(
     return commit(old, new, written.outcome, on_disk)
 
 
+def user_stacklevel(skip: tuple[str, ...] = ()) -> int:
+    """The ``stacklevel`` (for a ``warnings.warn`` called by the caller of this function) of the
+    first frame outside ckptfn and the packages named in ``skip`` (e.g. ``lightning``, ``torch``):
+    the user's code, however deep a framework calls back into ckptfn.
+
+    >>> user_stacklevel() >= 1
+    True
+    """
+    roots = [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
+    for name in skip:
+        module = sys.modules.get(name)
+        if module is not None and getattr(module, "__file__", None):
+            roots.append(os.path.dirname(os.path.abspath(module.__file__)))
+    frame, level = sys._getframe(1), 1
+    while frame is not None:
+        filename = os.path.abspath(frame.f_code.co_filename)
+        if not any(filename.startswith(root + os.sep) for root in roots):
+            return level
+        frame, level = frame.f_back, level + 1
+    return 1
+
+
 def report_skips(
     seen: frozenset[tuple[str, str]], actions: Iterable[object], *, stacklevel: int = 2, loud: bool = True
 ) -> frozenset[tuple[str, str]]:
     """Warn (``MetricWarning``) about the first skip of each strategy and reason, log the
     repeats at DEBUG; the grown ``seen`` set. ``loud=False`` (a rank other than 0) says nothing.
+    ``stacklevel`` counts from the caller of ``report_skips`` (``user_stacklevel`` finds one).
 
     >>> import warnings, ckptfn
     >>> state = ckptfn.init(ckptfn.Strategy("val_loss", on_missing="warn"))

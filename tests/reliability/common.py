@@ -21,7 +21,7 @@ import ckptfn
 from ckptfn import CheckpointError
 from ckptfn.core.config import Config, as_config
 from ckptfn.core.metadata import entry_for
-from ckptfn.core.naming import archived_of, parse_temp_name
+from ckptfn.core.naming import archived_of, member_of, parse_temp_name
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]  # the repository: children import ckptfn and tests from here
 UTC = dt.timezone.utc
@@ -148,9 +148,11 @@ def temps_of(directory: pathlib.Path, pid: int) -> list[str]:
 
 
 def owner_of(name: str, config: Config) -> str | None:
-    """The configured filename that ``name`` is (or is an archived version of), else None."""
+    """The configured filename that ``name`` is (or is an archived version or a top-k member of), else None."""
     for strategy in config.strategies:
         if name == strategy.filename or archived_of(name, strategy.filename):
+            return strategy.filename
+        if getattr(strategy, "top_k", 1) > 1 and member_of(name, strategy.filename):
             return strategy.filename
     return None
 

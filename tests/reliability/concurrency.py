@@ -43,7 +43,8 @@ def strategies(prefix: str) -> list[dict]:
 
 
 def writer(directory: str, prefix: str, name: str, seconds: float, elements: int, report: str) -> None:
-    """Save an improving epoch (both strategies) as often as possible for ``seconds``."""
+    """Save an improving epoch (both strategies) as often as possible for ``seconds``; report how
+    many versions of ``corr.pt`` it wrote (a resumed writer may save only one of the two names)."""
     torch.set_num_threads(1)
     saves, error = 0, None
     try:
@@ -53,7 +54,8 @@ def writer(directory: str, prefix: str, name: str, seconds: float, elements: int
             deadline, epoch = time.monotonic() + seconds, 0
             while time.monotonic() < deadline:
                 payload = {"model": {"w": torch.full((elements,), float(epoch))}, "epoch": epoch, "writer": name}
-                saves += len(manager.update({"val_loss": 1.0 / (epoch + 1), "val_corr": float(epoch)}, payload, epoch)) > 0
+                paths = manager.update({"val_loss": 1.0 / (epoch + 1), "val_corr": float(epoch)}, payload, epoch)
+                saves += any(path.name == f"{prefix}corr.pt" for path in paths)  # a version of corr.pt written
                 epoch += 1
     except Exception as error_:  # noqa: BLE001 - reported to the parent
         error = f"{type(error_).__name__}: {error_}"

@@ -36,9 +36,9 @@ import ckptfn
 from ckptfn import Config, Strategy, init, step
 from ckptfn.io.write import write_snapshot
 from ckptfn.kit import Target, partition
-from tests.faults import snapshot_of
+from ckptfn.kit import plan as plan_of
 from ckptfn.io.fs import REAL
-from ckptfn.core.naming import parse_temp_name, temp_name
+from ckptfn.core.naming import member_of, parse_temp_name, temp_name
 from ckptfn.core.state import State
 
 from tests.faults import Crash, CrashFS, CrashNoLinksFS, KillFS, KillNoLinksFS, NoLinksFS, RecordingFS
@@ -65,6 +65,8 @@ LOSS = Strategy("val_loss", filename="best_loss.pt")
 CONCORDANCE = Strategy("loss_components.concordance", filename="best_concordance.pt")
 CORR = Strategy("val_corr", mode="max", filename="best_corr.pt", overwrite=False)
 THREE = (LOSS, CONCORDANCE, CORR)
+TOPK = Strategy("val_acc", mode="max", filename="best_acc.pt", top_k=3)
+TOPK_HISTORY = ({"val_acc": 0.5, "val_loss": 1.0}, {"val_acc": 0.45, "val_loss": 2.0}, {"val_acc": 0.6, "val_loss": 3.0})  # full: 0.6 at best_acc.pt, 0.5, 0.45
 
 
 def metrics(loss: float, concordance: float, corr: float) -> dict:
@@ -94,6 +96,8 @@ SCENARIOS = (
     Scenario("archive, overwrite=False", (CORR,), ({"val_corr": 0.1}, {"val_corr": 0.2}), {"val_corr": 0.3}),
     Scenario("three strategies, one write", THREE, (metrics(1.0, 0.9, 0.1), metrics(1.1, 0.95, 0.2)), metrics(0.5, 0.5, 0.5)),
     Scenario("stale-temp cleanup", (LOSS,), ({"val_loss": 1.0},), {"val_loss": 0.5}, stale=True),
+    Scenario("top-k: a new best moves the old one aside, the worst leaves", (TOPK,), TOPK_HISTORY, {"val_acc": 0.7}),
+    Scenario("top-k: a member enters, the worst leaves", (TOPK, LOSS), TOPK_HISTORY, {"val_acc": 0.55, "val_loss": 1.0}),
     Scenario(
         "three strategies, no hard links",
         THREE,
@@ -103,8 +107,8 @@ SCENARIOS = (
     ),
 )
 
-WORSE = metrics(1e6, 1e6, -1e6)  # worse than any best of any scenario
-BETTER = metrics(-1e6, -1e6, 1e6)  # better than any
+WORSE = {**metrics(1e6, 1e6, -1e6), "val_acc": -1e6}  # worse than any best of any scenario
+BETTER = {**metrics(-1e6, -1e6, 1e6), "val_acc": 1e6}  # better than any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +122,8 @@ class Plan:
     metadata: Mapping
     epoch: int
     planted: Mapping[str, str]  # temp name -> "dead" / "live" / "foreign"
+    removes: tuple[str, ...] = ()  # top-k members that leave
+    families: tuple = ()  # top-k (filename, kept members)
 
 
 _DEAD: list[int] = []
@@ -154,18 +160,31 @@ def prepare(scenario: Scenario, base: pathlib.Path) -> Plan:
         state, actions = step(state, values, epoch)
         saves, _ = partition(actions)
         if saves:
-            targets, metadata = snapshot_of(saves, state=state, metrics=values, now=clock(epoch))
-            write_snapshot(directory, targets, payload(epoch), metadata, fs=fs)
+            snapshot = plan_of(saves, state=state, metrics=values, now=clock(epoch))
+            write_snapshot(directory, snapshot.targets, payload(epoch), snapshot.metadata, fs=fs,
+                           removes=snapshot.removes, families=snapshot.families)
     planted = _plant_temps(directory) if scenario.stale else {}
     epoch = len(scenario.history)
     after, actions = step(state, scenario.cut, epoch)
     saves, _ = partition(actions)
-    targets, metadata = snapshot_of(saves, state=after, metrics=scenario.cut, now=clock(epoch))
-    return Plan(directory, state, after, tuple(targets), metadata, epoch, planted)
+    snapshot = plan_of(saves, state=after, metrics=scenario.cut, now=clock(epoch))
+    return Plan(directory, state, after, tuple(snapshot.targets), dict(snapshot.metadata), epoch, planted,
+                snapshot.removes, snapshot.families)
 
 
 def _save(plan: Plan, fs) -> None:
-    write_snapshot(plan.directory, plan.targets, payload(plan.epoch), plan.metadata, fs=fs)
+    write_snapshot(plan.directory, plan.targets, payload(plan.epoch), plan.metadata, fs=fs,
+                   removes=plan.removes, families=plan.families)
+
+
+def top_k_sets(state: State) -> dict[str, frozenset]:
+    """filename -> the set of (value, epoch) a top-k strategy keeps (the best and its members)."""
+    sets = {}
+    for strategy, best in zip(state.config.strategies, state.bests):
+        if getattr(strategy, "top_k", 1) > 1:
+            head = {(best.value, best.epoch)} if best.value is not None else set()
+            sets[strategy.filename] = frozenset(head | {(m.value, m.epoch) for m in best.others})
+    return sets
 
 
 def operations(scenario: Scenario, scratch: pathlib.Path) -> list[str]:
@@ -232,6 +251,19 @@ def check_cut(tally: Tally, kind: str, scenario: Scenario, plan: Plan, before: M
     on_disk = file_bests(after, config)
     if resumed != on_disk or managed != on_disk:
         tally.problem(SECTION, kind, "corruption", f"{where}: resumed bests {resumed} / {managed} but the files hold {on_disk}")
+    old_sets, new_sets = top_k_sets(plan.before), top_k_sets(plan.after)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        disk_sets = top_k_sets(ckptfn.restore_from_directory(config, plan.directory))
+    for name, kept in disk_sets.items():  # the top k read back is the old one or the new one, never less
+        if kept not in (old_sets[name], new_sets[name]):
+            category = "lost" if (old_sets[name] & new_sets[name]) - kept else "corruption"
+            tally.problem(SECTION, kind, category, f"{where}: the top-k of {name} reads back as {sorted(kept)}, "
+                          f"neither {sorted(old_sets[name])} nor {sorted(new_sets[name])}")
+        strategy = next(s for s in config.strategies if s.filename == name)
+        files = [n for n in os.listdir(plan.directory) if n == name or member_of(n, name)]
+        if len(files) > strategy.top_k + 1:
+            tally.problem(SECTION, kind, "corruption", f"{where}: {len(files)} files of the top-{strategy.top_k} of {name}: {sorted(files)}")
     return after
 
 

@@ -344,3 +344,16 @@ def test_verify_full_refuses_a_best_with_a_flipped_bit_that_torch_would_load(tmp
     assert CheckpointManager(tmp_path, [{"metric_name": "val_loss"}]).best_values == {"best_val_loss.pt": 0.5}
     with pytest.raises(ckptfn.CheckpointError, match=r"best_val_loss.pt.*CRC32"):
         CheckpointManager(tmp_path, [{"metric_name": "val_loss"}], verify="full")
+
+
+def test_resume_false_says_that_earlier_top_k_members_will_go(tmp_path, caplog):
+    config = [ckptfn.Strategy("acc", mode="max", top_k=2)]
+    first = CheckpointManager(tmp_path, config)
+    for epoch, value in enumerate((0.5, 0.6)):
+        first.update({"acc": value}, {}, epoch)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best_acc-epoch=0.pt", "best_acc.pt"]
+    with caplog.at_level(logging.WARNING, logger="ckptfn"):
+        fresh = CheckpointManager(tmp_path, config, resume=False)
+    assert "the top-k members best_acc-epoch=0.pt will be deleted" in caplog.text
+    fresh.update({"acc": 0.1}, {}, 0)  # a fresh start: its own top-k, the earlier members go
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best_acc.pt"]
