@@ -13,8 +13,12 @@ An integration is thin: it calls ``ckptfn.step``, then these, in this order:
 ...     written = kit.write(directory, snapshot, {"model": {"w": torch.zeros(2)}})
 ...     state = kit.state_to_keep(old.config, directory, old, new, written)
 ...     written.raise_error()
+...     kit.notify(kit.hooks_of(None), saves, written.paths)  # the on_saved hooks: trackers, user code
 ...     [p.name for p in written.paths], kit.restore_from_directory(old.config, directory) == state
 (['best_val_loss.pt', 'last.pt'], True)
+
+After a committed write, ``notify(hooks, saves, written.paths)`` gives every
+``on_saved`` hook (``hooks_of``) one ``Saved`` event per name.
 
 The pure parts (``partition``, ``plan_snapshot``, ``commit``, ``roll_back``,
 ``plan_prune``, ``new_skips``) are functions of their arguments only; ``plan``,
@@ -24,6 +28,7 @@ the clock or the files. ``FileSystem`` is the seam all writes go through
 """
 
 from ckptfn.core.commit import Outcome, commit, roll_back
+from ckptfn.core.events import Saved, saved_events
 from ckptfn.core.retention import plan_prune
 from ckptfn.core.snapshot import Snapshot, Target, partition, plan_snapshot
 from ckptfn.core.state import resume_state
@@ -32,19 +37,22 @@ from ckptfn.io.fs import REAL, FileSystem
 from ckptfn.io.read import load_checkpoint, read_metadata, restore_from_directory
 from ckptfn.io.verify import Verdict, verify_checkpoint
 from ckptfn.io.write import Written, versions, write
-from ckptfn.shells.recipe import plan, report_skips, state_to_keep, utc_now
+from ckptfn.shells.recipe import hooks_of, notify, plan, report_skips, state_to_keep, user_stacklevel, utc_now
 
 __all__ = [
     "REAL",
     "FileSystem",
     "Outcome",
+    "Saved",
     "Snapshot",
     "Target",
     "Verdict",
     "Written",
     "commit",
+    "hooks_of",
     "load_checkpoint",
     "new_skips",
+    "notify",
     "partition",
     "plan",
     "plan_prune",
@@ -54,7 +62,9 @@ __all__ = [
     "restore_from_directory",
     "resume_state",
     "roll_back",
+    "saved_events",
     "state_to_keep",
+    "user_stacklevel",
     "utc_now",
     "verify_checkpoint",
     "versions",

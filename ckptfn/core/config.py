@@ -20,7 +20,7 @@ from ckptfn.core.strategy import ON_MISSING, Strategy, check_bool
 __all__ = ["STRATEGY_KEYS", "Config", "as_config", "parse_strategy"]
 
 STRATEGY_KEYS = tuple(field.name for field in attrs.fields(Strategy))
-_WRAPPER_KEYS = ("enabled", "strategies", "on_missing")
+_WRAPPER_KEYS = ("enabled", "strategies", "on_missing", "trackers")
 _PLAIN_DATA_HINT = "(use Config.from_mapping for plain data)"
 
 
@@ -118,6 +118,20 @@ def _tree_name_clash(strategies: tuple, prefix: str) -> ConfigError | None:
     return None
 
 
+def _to_names(value: object) -> object:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        return value
+    return tuple(value)
+
+
+def _check_names(_inst: object, attribute: attrs.Attribute, value: object) -> None:
+    if not isinstance(value, tuple):
+        raise ConfigError(f"expected a list of names, got {type(value).__name__} {value!r}", attribute.name)
+    for index, name in enumerate(value):
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"expected a tracker name, got {type(name).__name__} {name!r}", f"{attribute.name}[{index}]")
+
+
 def _check_on_missing(_inst: object, attribute: attrs.Attribute, value: object) -> None:
     if value not in ON_MISSING:
         raise ConfigError(f"{value!r} is not one of 'error', 'warn'", attribute.name)
@@ -141,10 +155,14 @@ class Config:
     )
     enabled: bool = attrs.field(default=True, validator=check_bool)
     on_missing: str = attrs.field(default="error", kw_only=True, validator=_check_on_missing)
+    #: names of experiment trackers that hear about every save (``"wandb"``, ``"mlflow"``);
+    #: the shells build them (``ckptfn.integrations.trackers``)
+    trackers: tuple[str, ...] = attrs.field(default=(), kw_only=True, converter=_to_names, validator=_check_names)
 
     def __repr__(self) -> str:
         missing = "" if self.on_missing == "error" else f", on_missing={self.on_missing!r}"
-        return f"Config(strategies={self.strategies!r}, enabled={self.enabled!r}{missing})"
+        trackers = f", trackers={self.trackers!r}" if self.trackers else ""
+        return f"Config(strategies={self.strategies!r}, enabled={self.enabled!r}{missing}{trackers})"
 
     def on_missing_of(self, strategy: Strategy) -> str:
         """What ``strategy`` does when its metric is missing before its first save: its own
@@ -301,7 +319,10 @@ def _parse_wrapper(obj: Mapping) -> Config:
     if not isinstance(enabled, bool):
         raise ConfigError(f"expected true or false, got {type(enabled).__name__} {enabled!r}", "enabled")
     on_missing = fields.get("on_missing", "error")
-    return Config(_parse_sequence(fields.get("strategies"), "strategies"), enabled=enabled, on_missing=on_missing)
+    trackers = fields.get("trackers") or ()
+    return Config(
+        _parse_sequence(fields.get("strategies"), "strategies"), enabled=enabled, on_missing=on_missing, trackers=trackers
+    )
 
 
 def as_config(obj: object) -> Config:

@@ -31,7 +31,7 @@ from ckptfn.io.read import load_checkpoint, member_files, read_metadata, restore
 from ckptfn.io.write import interrupts_deferred, serialization_context, versions, write
 from ckptfn.shells.background import AsyncExecutor, ClosesOnExit, raise_as_write_error
 from ckptfn.shells.distributed import SOLO, Coordinator, find_group
-from ckptfn.shells.recipe import plan, report_skips, state_to_keep, utc_now
+from ckptfn.shells.recipe import hooks_of, notify, plan, report_skips, state_to_keep, trackers_of, utc_now
 
 __all__ = ["CheckpointManager"]
 
@@ -68,6 +68,12 @@ class CheckpointManager(ClosesOnExit):
         process_group: the ``torch.distributed`` group whose ranks share this
             manager's decisions; default: the default group once one is initialized.
             Rank 0 decides on its metrics and every rank acts on that decision.
+        on_saved: a callable (or a list of them) called with a ``ckptfn.core.events.Saved``
+            for every name of every committed snapshot (on rank 0; with ``async_save``
+            once the background write is collected): names, metric, value, previous,
+            epoch, global step, paths, bytes. A hook that raises is a WARNING. The
+            config's ``trackers`` (``["wandb", "mlflow"]``) add the adapters of
+            ``ckptfn.integrations.trackers``.
         sharded: ``None`` (default): save with ``torch.distributed.checkpoint``
             into ``<stem>.dcp/`` directories when the payload holds DTensors
             (FSDP2, tensor parallel), else a file written by rank 0; ``True``:
@@ -101,12 +107,15 @@ class CheckpointManager(ClosesOnExit):
         checksums: bool = True,
         process_group: object = None,
         sharded: bool | None = None,
+        on_saved: object = None,
     ) -> None:
         self.output_dir = pathlib.Path(output_dir)
         self.config: Config = as_config(checkpoint_configs)
         if sharded is True:
             self.config.check_sharded()  # a clash of sharded directory names is known now
         self._seen_skips: frozenset[tuple[str, str]] = frozenset()
+        self._hooks = hooks_of(on_saved) + trackers_of(self.config)
+        self._in_flight_saves: tuple = ()  # the saves of the background write, for the hooks
         serialization_context(checksums)  # an unsafe torch for checksums=False fails here, not later
         self.checksums = checksums
         self._writer = AsyncExecutor(checksums=checksums) if async_save else None
@@ -174,6 +183,8 @@ class CheckpointManager(ClosesOnExit):
             result = coordinator.update(old, metrics_dict, model_state_dict, position, barrier=barrier)
             self._state, self._in_doubt = result.state, False
             self._seen_skips = report_skips(self._seen_skips, result.actions, loud=coordinator.is_coordinator)
+            if coordinator.is_coordinator and result.error is None:
+                notify(self._hooks, partition(result.actions)[0], result.paths)
             result.raise_error()
             return list(result.paths)
         old = self.state
@@ -193,11 +204,13 @@ class CheckpointManager(ClosesOnExit):
             with interrupts_deferred():  # handed over and committed together
                 paths = self._writer.start(job, [self.output_dir / name for name in snapshot.filenames])
                 self._in_flight, self._state, self._in_doubt = old, new, False
+                self._in_flight_saves = snapshot.saves
             return list(paths)
         written = serialization_context(self.checksums).run(write, self.output_dir, snapshot, model_state_dict)
         self._state = state_to_keep(self.config, self.output_dir, old, new, written)
         self._in_doubt = False
         written.raise_error()
+        notify(self._hooks, snapshot.saves, written.paths)
         return list(written.paths)
 
     def _settle(self, *, block: bool) -> None:
@@ -207,6 +220,9 @@ class CheckpointManager(ClosesOnExit):
         if written is None:
             return
         prior, self._in_flight = self._in_flight, None
+        saves, self._in_flight_saves = self._in_flight_saves, ()
+        if written.error is None:
+            notify(self._hooks, saves, written.paths)
         if written.error is not None and prior is not None:
             self._in_doubt = True
             believed = self._state

@@ -20,12 +20,15 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import pathlib
 import sys
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
-from ckptfn.core.actions import Periodic, Save, Skip
+from ckptfn.core.actions import Enter, Periodic, Save, Skip
 from ckptfn.core.commit import commit
+from ckptfn.core.events import saved_events
+from ckptfn.core.naming import dcp_name
 from ckptfn.core.errors import MetricWarning
 from ckptfn.core.summary import skip_line
 from ckptfn.core.snapshot import Snapshot, plan_snapshot
@@ -34,7 +37,9 @@ from ckptfn.core.step import new_skips
 from ckptfn.io.read import restore_from_directory
 from ckptfn.io.write import Written, versions
 
-__all__ = ["plan", "report_skips", "state_to_keep", "user_stacklevel", "utc_now"]
+__all__ = [
+    "hooks_of", "notify", "plan", "report_skips", "size_on_disk", "state_to_keep", "trackers_of", "user_stacklevel", "utc_now",
+]
 
 logger = logging.getLogger("ckptfn")
 
@@ -119,6 +124,79 @@ def user_stacklevel(skip: tuple[str, ...] = ()) -> int:
             return level
         frame, level = frame.f_back, level + 1
     return 1
+
+
+def hooks_of(on_saved: object) -> tuple[Callable, ...]:
+    """``on_saved`` (None, one callable, or a sequence of them) as a tuple of hooks.
+
+    >>> hooks_of(None), len(hooks_of(print)), len(hooks_of([print, repr]))
+    ((), 1, 2)
+    """
+    if on_saved is None:
+        return ()
+    if callable(on_saved):
+        return (on_saved,)
+    if isinstance(on_saved, Iterable) and not isinstance(on_saved, (str, bytes)):
+        hooks = tuple(on_saved)
+        for index, hook in enumerate(hooks):
+            if not callable(hook):
+                raise TypeError(f"on_saved[{index}]: expected a callable, got {type(hook).__name__} {hook!r}")
+        return hooks
+    raise TypeError(f"on_saved: expected a callable or a list of callables, got {type(on_saved).__name__} {on_saved!r}")
+
+
+def trackers_of(config: object) -> tuple[Callable, ...]:
+    """The ``on_saved`` hooks of the trackers a config names (``Config.trackers``), built by
+    ``ckptfn.integrations.trackers.tracker`` (imported only when a config names one)."""
+    names = getattr(config, "trackers", ())
+    if not names:
+        return ()
+    from ckptfn.integrations.trackers import tracker
+
+    return tuple(tracker(name) for name in names)
+
+
+def size_on_disk(path: str | os.PathLike) -> int:
+    """The bytes of a checkpoint file, or of the regular files of a sharded checkpoint tree."""
+    path = pathlib.Path(path)
+    if not path.is_dir():
+        return path.stat().st_size
+    return sum(entry.stat().st_size for entry in path.rglob("*") if entry.is_file() and not entry.is_symlink())
+
+
+def notify(hooks: Sequence[Callable], saves: Sequence[Save | Enter | Periodic], paths: Sequence[pathlib.Path]) -> None:
+    """Give each hook every ``Saved`` event of a committed snapshot (``ckptfn.core.events``).
+
+    A hook that raises is a WARNING on the ``ckptfn`` logger, never an error: the files
+    are committed, and a tracker that is down must not stop training.
+
+    >>> import tempfile, torch, ckptfn
+    >>> from ckptfn.kit import partition, write
+    >>> state, actions = ckptfn.step(ckptfn.init(ckptfn.Strategy("val_loss")), {"val_loss": 0.5}, epoch=0, global_step=80)
+    >>> saves, _ = partition(actions)
+    >>> with tempfile.TemporaryDirectory() as directory:
+    ...     written = write(directory, plan(saves, state=state), {"w": torch.zeros(2)})
+    ...     events = []
+    ...     notify([events.append], saves, written.paths)
+    >>> [(e.name, e.kind, e.value, e.global_step, e.bytes > 0) for e in events]
+    [('best_val_loss.pt', 'best', 0.5, 80, True)]
+    """
+    if not hooks or not saves:
+        return
+    located = {path.name: str(path) for path in paths}
+    where = {save.filename: located.get(save.filename) or located.get(dcp_name(save.filename)) for save in saves}
+    if any(path is None for path in where.values()):
+        return  # not this write's names (nothing was committed under them)
+    try:
+        size = size_on_disk(next(iter(where.values())))
+    except OSError:
+        size = 0
+    for event in saved_events(saves, where, size):
+        for hook in hooks:
+            try:
+                hook(event)
+            except Exception as error:  # noqa: BLE001 - reported, never raised: the snapshot is committed
+                logger.warning("the on_saved hook %r failed for %s: %s: %s", hook, event.name, type(error).__name__, error)
 
 
 def report_skips(
