@@ -23,6 +23,7 @@ from collections.abc import Iterable, Mapping
 
 from ckptfn.core.errors import CheckpointError, CheckpointNotFoundError
 from ckptfn.io.fs import open_regular
+from ckptfn.io.objectstore import is_remote, join, local_path, store_for
 from ckptfn.core.config import as_config
 from ckptfn.core.metadata import FORMAT, decompose
 from ckptfn.io.archive import Archive, Damaged, check_archive, read_at
@@ -81,8 +82,37 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {line[:200]}" if line else type(error).__name__
 
 
-def _check_members(path: pathlib.Path, file) -> Archive:
-    """Refuse archives torch.save never writes, before torch allocates memory for them.
+def _checked_stream(label: object, file, size: int) -> tuple[Scanned, str]:
+    """The allow-listed scan of the zip at ``file`` (``size`` bytes), or the documented error;
+    and the name of its ``data.pkl``. Reads the zip's directory and that one member."""
+    magic = file.read(4)
+    if magic != _ZIP_MAGIC:
+        what = "an empty file" if not magic else "not a torch zip archive"
+        raise CheckpointError(f"{label}: not a ckptfn checkpoint ({what})")
+    try:
+        archive = check_archive(file, size)
+    except Damaged as error:
+        raise CheckpointError(f"{label}: not a ckptfn checkpoint (damaged zip archive: {error})") from None
+    except CheckpointError as error:
+        raise CheckpointError(f"{label}: {error}") from None
+    member = archive.prefix + "data.pkl"
+    try:
+        data = read_at(file, *archive.members[member])
+    except Damaged as error:
+        raise CheckpointError(f"{label}: cannot be read ({error})") from None
+    scanned = scan(data, f"{label}: {member}", archive.records())
+    parts = decompose(scanned.loaded)
+    if parts is not None:  # unbounded metadata is refused before torch spends time on it
+        checked_metadata(parts[1], f"{label}: {member}")
+    return scanned, member
+
+
+def _checked_file(path: str | os.PathLike) -> tuple[pathlib.Path, Scanned, str]:
+    """``path`` as a regular zip file whose structure torch.save could have written and whose
+    ``data.pkl`` the allow-listed scan accepts (``ckptfn.io.peek.scan``: nothing torch would
+    allocate on the pickle's say-so, no tensor past its record, bounded metadata), all read
+    through one open file; else the documented error. Returns the path, the scan and the
+    name of ``data.pkl``.
 
     torch.save stores every member uncompressed, inside the file, under one folder,
     with a local header that agrees with the central directory. A compressed
@@ -92,21 +122,6 @@ def _check_members(path: pathlib.Path, file) -> Archive:
     ``data.pkl`` or ``version`` record. Headers and sizes are checked, never the
     data: the cost is one small read per member.
     """
-    size = os.fstat(file.fileno()).st_size
-    try:
-        return check_archive(file, size)
-    except Damaged as error:
-        raise CheckpointError(f"{path}: not a ckptfn checkpoint (damaged zip archive: {error})") from None
-    except CheckpointError as error:
-        raise CheckpointError(f"{path}: {error}") from None
-
-
-def _checked_file(path: str | os.PathLike) -> tuple[pathlib.Path, Scanned, str]:
-    """``path`` as a regular zip file whose structure torch.save could have written and whose
-    ``data.pkl`` the allow-listed scan accepts (``ckptfn.io.peek.scan``: nothing torch would
-    allocate on the pickle's say-so, no tensor past its record, bounded metadata), all read
-    through one open file; else the documented error. Returns the path, the scan and the
-    name of ``data.pkl``."""
     path = pathlib.Path(path)
     if not os.path.lexists(path):
         raise _not_found(path)
@@ -114,34 +129,45 @@ def _checked_file(path: str | os.PathLike) -> tuple[pathlib.Path, Scanned, str]:
         raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
     try:
         with open_regular(path) as file:  # a FIFO planted at a checkpoint name must not block us
-            magic = file.read(4)
-            if magic == _ZIP_MAGIC:
-                archive = _check_members(path, file)
-                member = archive.prefix + "data.pkl"
-                try:
-                    data = read_at(file, *archive.members[member])
-                except Damaged as error:
-                    raise CheckpointError(f"{path}: cannot be read ({error})") from None
+            scanned, member = _checked_stream(path, file, os.fstat(file.fileno()).st_size)
     except OSError as error:
         if error.errno == errno.EINVAL:
             raise CheckpointError(f"{path}: not a regular file (a FIFO, device or socket is never a checkpoint)") from None
         raise CheckpointError(f"{path}: cannot be read ({_first_line(error)})") from error
-    if magic != _ZIP_MAGIC:
-        what = "an empty file" if not magic else "not a torch zip archive"
-        raise CheckpointError(f"{path}: not a ckptfn checkpoint ({what})")
-    scanned = scan(data, f"{path}: {member}", archive.records())
-    parts = decompose(scanned.loaded)
-    if parts is not None:  # unbounded metadata is refused before torch spends time on it
-        checked_metadata(parts[1], f"{path}: {member}")
     return path, scanned, member
 
 
-def _torch_load(path: pathlib.Path, **options) -> dict:
-    """torch's ``weights_only`` loader, over a file ``_checked_file`` has vetted."""
+def _remote_checked(url: str):
+    """``(store, store path, scan, member)`` of a remote checkpoint, fetching only the zip's
+    directory and ``data.pkl`` (range requests of ``BLOCK_SIZE``); else the documented error."""
+    store, key = store_for(url)
+    try:
+        size = store.size(key)
+        if size is None:
+            raise CheckpointNotFoundError(f"{url}: no such checkpoint", url)
+        with store.reader(key) as file:
+            scanned, member = _checked_stream(url, file, size)
+    except CheckpointError:
+        raise
+    except Exception as error:  # noqa: BLE001 - the store's errors (network, permissions) as one kind
+        raise CheckpointError(f"{url}: cannot be read ({_first_line(error)})") from error
+    return store, key, scanned, member
+
+
+def _torch_load(path: pathlib.Path | str, **options) -> dict:
+    """torch's ``weights_only`` loader, over a file ``_checked_file`` (or, for a URL,
+    ``_remote_checked``) has vetted; a remote object is read whole into memory first."""
+    import io
+
     import torch  # here, not at import: reading metadata (ckptfn inspect) does not need torch
 
     try:
-        loaded = torch.load(path, weights_only=True, **options)
+        if is_remote(path):
+            options.pop("mmap", None)
+            store, key = store_for(path)
+            loaded = torch.load(io.BytesIO(store.read(key)), weights_only=True, **options)
+        else:
+            loaded = torch.load(path, weights_only=True, **options)
     except Exception as error:  # torch raises many types for corrupt or unsafe files
         raise CheckpointError(f"{path}: cannot be loaded safely ({_first_line(error)})") from error
     parts = decompose(loaded)  # the nested layout, or the flat one of Lightning checkpoints
@@ -167,11 +193,16 @@ def _format_of(loaded: object) -> str | None:
 
 
 def _load(path: str | os.PathLike, **options) -> dict:
+    if is_remote(path):
+        _remote_checked(path)
+        return _torch_load(path, **options)
     return _torch_load(_checked_file(path)[0], **options)
 
 
 def _is_sharded(path: str | os.PathLike) -> bool:
     """A sharded checkpoint directory (or one named like it, whose errors then say what it lacks)."""
+    if is_remote(path):
+        return False
     return is_sharded_checkpoint(path) or (os.path.isdir(path) and pathlib.Path(path).suffix == DCP_SUFFIX)
 
 
@@ -191,6 +222,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: object = "cpu") -> tu
     >>> state_dict, metadata["epoch"], metadata["saves"][0]["value"]
     ({'w': tensor([1., 1.])}, 3, 0.5)
     """
+    path = local_path(path)
     if _is_sharded(path):
         return load_consolidated(path)
     loaded = _load(path, map_location=map_location)
@@ -213,6 +245,11 @@ def read_metadata(path: str | os.PathLike) -> dict:
     >>> sorted(metadata)
     ['epoch', 'format', 'global_step', 'manager_state', 'metrics', 'saves', 'timestamp', 'versions']
     """
+    path = local_path(path)
+    if is_remote(path):  # the zip's directory and data.pkl only, by range requests
+        _, _, scanned, member = _remote_checked(path)
+        metadata = metadata_of(scanned, f"{path}: {member}")
+        return metadata if metadata is not None else _torch_load(path, map_location="cpu")["metadata"]
     if _is_sharded(path):
         return read_sharded_metadata(path)
     path, scanned, member = _checked_file(path)  # refuses what torch would allocate on the pickle's say-so
@@ -248,8 +285,13 @@ def saved_metadata(
         raise ValueError(f"unreadable: expected one of {UNREADABLE}, got {unreadable!r}")
     if verify not in VERIFY_LEVELS:
         raise ValueError(f"verify: expected one of {VERIFY_LEVELS}, got {verify!r}")
-    directory = pathlib.Path(directory)
+    directory = local_path(directory)
     found: dict[str, dict | None] = {}
+    if is_remote(directory):
+        for name in filenames:
+            found[name] = _metadata_or_none(join(directory, name), unreadable, verify)
+        return found
+    directory = pathlib.Path(directory)
     for name in filenames:
         candidates = dict.fromkeys((directory / name, directory / dcp_name(name)))
         saved = [meta for path in candidates if (meta := _metadata_or_none(path, unreadable, verify)) is not None]
@@ -321,8 +363,13 @@ def member_files(config: object, directory: str | os.PathLike) -> list[str]:
     families = [s.filename for s in as_config(config).strategies if getattr(s, "top_k", 1) > 1]
     if not families:
         return []
+    directory = local_path(directory)
     try:
-        listed = os.listdir(directory)
+        if is_remote(directory):
+            store, root = store_for(directory)
+            listed = store.names(root)
+        else:
+            listed = os.listdir(directory)
     except FileNotFoundError:
         return []
     except OSError as error:

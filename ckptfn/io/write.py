@@ -25,11 +25,13 @@ import torch
 
 from ckptfn._version import __version__
 from ckptfn.core.commit import Outcome
+from ckptfn.core.errors import CheckpointWriteError
 from ckptfn.core.metadata import compose
 from ckptfn.core.snapshot import Snapshot, Target
 from ckptfn.core.summary import save_line
 from ckptfn.io import torch_internals
 from ckptfn.io.fs import REAL, FileSystem
+from ckptfn.io.objectstore import is_remote, local_path
 from ckptfn.io.payload import prepare_payload
 from ckptfn.io.publish import FILE, TREE, Publisher, publish
 
@@ -215,7 +217,7 @@ class Written:
     OSError: disk full
     """
 
-    paths: tuple[pathlib.Path, ...] = attrs.field(converter=tuple)
+    paths: tuple[pathlib.Path, ...] = attrs.field(converter=tuple)  # URL strings for a remote directory
     outcome: Outcome
     error: BaseException | None = attrs.field(default=None, eq=False)
 
@@ -223,6 +225,40 @@ class Written:
         """Raise the write's error, if any (after the shell committed its state)."""
         if self.error is not None:
             raise self.error
+
+
+def _write_remote(
+    url: str, snapshot: Snapshot, payload: object, *, tree: object, store: object, on_serialized: Callable | None
+) -> Written:
+    """``write`` into a remote directory (``ckptfn.io.remote``): the same contract, URLs as paths."""
+    from ckptfn.io.objectstore import ObjectStore, join
+    from ckptfn.io.remote import publish_remote
+
+    if tree is not None:
+        raise CheckpointWriteError(f"{url}: sharded (DCP) checkpoints need a local or shared file system path")
+    if not snapshot.targets:
+        return Written((), Outcome.success(()))
+    progress: list[str] = []
+
+    def say_saved() -> None:
+        for save in snapshot.saves:
+            logger.info("%s", save_line(save))
+
+    try:
+        checkpoint = compose(prepare_payload(payload), snapshot.metadata)  # PayloadError before any request
+        urls = publish_remote(
+            url, snapshot.targets, checkpoint, store=store if isinstance(store, ObjectStore) else None,
+            progress=progress, removes=snapshot.removes, families=snapshot.families,
+            on_serialized=on_serialized, on_published=say_saved,
+        )
+    except BaseException as error:  # noqa: BLE001 - handed back, as for local directories
+        if isinstance(error, Exception):
+            landed = set(getattr(error, "published", ()))
+            names = [t.filename for t in snapshot.targets if join(url, t.filename) in landed]
+        else:
+            names = [t.filename for t in snapshot.targets if t.filename in progress]
+        return Written(tuple(join(url, name) for name in names), Outcome.failure(snapshot.filenames, names), error)
+    return Written(urls, Outcome.success(snapshot.filenames))
 
 
 def write(
@@ -257,7 +293,9 @@ def write(
     (['best_val_loss.pt'], True)
     """
     progress: list[str] = []
-    directory = pathlib.Path(directory)
+    if is_remote(directory):
+        return _write_remote(str(directory), snapshot, payload, tree=tree, store=fs, on_serialized=on_serialized)
+    directory = pathlib.Path(local_path(directory))
     seam = {} if fs is None else {"fs": fs}
 
     def say_saved() -> None:  # before the prune's "removed" lines
