@@ -31,6 +31,7 @@ CRC-checked but not loaded (that would take the whole shard's memory).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import itertools
 import os
@@ -44,6 +45,7 @@ from ckptfn.core.errors import CheckpointError, CheckpointNotFoundError
 from ckptfn.core.naming import DCP_SUFFIX
 from ckptfn.io.dcp import is_sharded_checkpoint
 from ckptfn.io.fs import open_regular
+from ckptfn.io.objectstore import is_remote, join, local_path, store_for
 from ckptfn.io.archive import Window
 from ckptfn.io.read import read_metadata
 from ckptfn.io.records import (
@@ -138,18 +140,40 @@ class _Tally:
 # --- files -------------------------------------------------------------------------------------
 
 
-def _check_load(path: pathlib.Path, tally: _Tally) -> None:
-    """The file loads with ``weights_only=True``; ``mmap`` so that no tensor's bytes are read into memory."""
+def _check_load(path: pathlib.Path | str, tally: _Tally) -> None:
+    """The file loads with ``weights_only=True``; ``mmap`` so that no tensor's bytes are read into
+    memory (a remote object is read into memory: there is nothing to map)."""
+    import io
+
     import torch  # here, not at import: the structure level needs no torch
 
     try:
-        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        if is_remote(path):
+            store, key = store_for(path)
+            torch.load(io.BytesIO(store.read(key)), map_location="cpu", weights_only=True)
+        else:
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:  # noqa: BLE001 - torch raises many types for damaged files
         tally.problems.append(f"does not load with torch.load(weights_only=True): {describe(error)}")
     tally.did("load")
 
 
-def _verify_file(path: pathlib.Path, level: str) -> Verdict:
+@contextlib.contextmanager
+def _opened(path: pathlib.Path | str):
+    """``(file, length)`` of a local file (never blocking on a FIFO) or a remote object."""
+    if is_remote(path):
+        store, key = store_for(path)
+        length = store.size(key)
+        if length is None:
+            raise FileNotFoundError(f"no object at {path}")
+        with store.reader(key) as file:
+            yield file, length
+        return
+    with open_regular(path) as file:
+        yield file, os.fstat(file.fileno()).st_size
+
+
+def _verify_file(path: pathlib.Path | str, level: str) -> Verdict:
     tally = _Tally()
     try:
         read_metadata(path)
@@ -158,8 +182,7 @@ def _verify_file(path: pathlib.Path, level: str) -> Verdict:
     tally.did("structure")
     if level == "full":
         try:
-            with open_regular(path) as file:
-                length = os.fstat(file.fileno()).st_size
+            with _opened(path) as (file, length):
                 members = open_archive(file, 0, length)
                 if members is not None:
                     check_records(file, 0, length, members, tally)
@@ -344,6 +367,12 @@ def verify_checkpoint(path: str | os.PathLike, *, level: str = "full") -> Verdic
     """
     if level not in LEVELS:
         raise ValueError(f"level: expected one of {LEVELS}, got {level!r}")
+    path = local_path(path)
+    if is_remote(path):
+        store, key = store_for(path)
+        if store.size(key) is None:
+            raise CheckpointNotFoundError(f"{path}: no such checkpoint", path)
+        return _verify_file(path, level)
     path = pathlib.Path(path)
     if not os.path.lexists(path):
         raise CheckpointNotFoundError(f"{path}: no such checkpoint", str(path))
@@ -390,6 +419,17 @@ def checkpoints_in(directory: str | os.PathLike) -> list[pathlib.Path]:
     return found
 
 
+def _verify_remote(url: str, level: str) -> Iterator[Verdict]:
+    """A remote object, or each checkpoint-named object of a remote directory."""
+    store, key = store_for(url)
+    if store.size(key) is not None:
+        yield verify_checkpoint(url, level=level)
+        return
+    for name in store.names(key):
+        if not name.startswith(".") and pathlib.PurePosixPath(name).suffix in CHECKPOINT_SUFFIXES:
+            yield verify_checkpoint(join(url, name), level=level)
+
+
 def verify_checkpoints(paths: Iterable[str | os.PathLike], *, level: str = "full") -> Iterator[Verdict]:
     """``verify_checkpoint`` of each path in turn; a directory that is not a sharded tree
     stands for the checkpoints in it (``checkpoints_in``). A checkpoint that vanishes
@@ -404,7 +444,11 @@ def verify_checkpoints(paths: Iterable[str | os.PathLike], *, level: str = "full
     """
     if level not in LEVELS:
         raise ValueError(f"level: expected one of {LEVELS}, got {level!r}")
-    for path in map(pathlib.Path, paths):
+    for path in paths:
+        if is_remote(local_path(path)):
+            yield from _verify_remote(local_path(path), level)
+            continue
+        path = pathlib.Path(local_path(path))
         if not path.is_dir() or _is_tree(path):
             yield verify_checkpoint(path, level=level)
             continue

@@ -112,3 +112,21 @@ def test_a_failing_put_raises_and_the_state_matches_the_bucket(s3_url, s3):
     assert kept == ckptfn.restore_from_directory(config, s3_url)
     assert ckptfn.read_metadata(s3_url + "/best_val_loss.pt")["epoch"] == 1
     assert ckptfn.read_metadata(s3_url + "/last.pt")["epoch"] == 0  # the old object, complete
+
+
+def test_verify_reads_every_record_of_a_remote_checkpoint_and_finds_a_flipped_bit(s3_url, s3):
+    update(ckptfn.init(ckptfn.Strategy("val_loss")), {"val_loss": 0.5}, 0, s3_url, {"w": torch.zeros(1000)})
+    url = s3_url + "/best_val_loss.pt"
+    verdict = ckptfn.verify_checkpoint(url)
+    assert verdict.ok and verdict.records > 0 and "load" in verdict.checked, verdict
+    key = url.removeprefix("s3://")
+    data = bytearray(s3.cat_file(key))
+    data[data.index(bytes(4000)) + 1234] ^= 0x10
+    s3.pipe_file(key, bytes(data))
+    damaged = ckptfn.verify_checkpoint(url)
+    assert not damaged.ok and "CRC32 mismatch" in " ".join(damaged.problems)
+    from ckptfn.io.verify import verify_checkpoints
+
+    assert [v.ok for v in verify_checkpoints([s3_url])] == [False]
+    with pytest.raises(ckptfn.CheckpointNotFoundError):
+        ckptfn.verify_checkpoint(s3_url + "/missing.pt")
