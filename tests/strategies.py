@@ -156,3 +156,50 @@ def mixed_runs(draw, *, min_delta=min_deltas, max_size: int = 25):
 increasing_epochs = st.lists(st.integers(1, 4), max_size=30).map(
     lambda steps: [sum(steps[: i + 1]) - 1 for i in range(len(steps))]
 )
+
+
+# --- top-k by value, steps and clocks (issue 14) ---------------------------------------------
+
+#: Values on a half grid: their differences and the grid min_deltas below are exact floats,
+#: so a reference model in exact arithmetic and the library's float comparisons agree.
+grid_values = st.integers(-8, 8).map(lambda i: i / 2)
+grid_min_deltas = st.sampled_from([0.0, 0.25, 0.5, 1.0, 1.5])
+
+#: A logical value on the grid, or not finite, or missing.
+grid_logical_values = st.one_of(grid_values, grid_values, st.sampled_from(NON_FINITE), st.just(MISSING))
+
+
+@st.composite
+def top_k_strategies(draw, metric_name: str = "val_loss", *, min_delta=st.just(0.0), top_k=st.integers(2, 5),
+                     on_missing: str | None = "warn") -> ckptfn.Strategy:
+    """A Strategy keeping the top k (random mode, k and min_delta)."""
+    return ckptfn.Strategy(
+        metric_name,
+        mode=draw(modes),
+        min_delta=draw(min_delta),
+        top_k=draw(top_k),
+        on_missing=on_missing,
+    )
+
+
+@st.composite
+def top_k_runs(draw, *, min_delta=st.just(0.0), top_k=st.integers(2, 5), values=logical_values, max_size: int = 25):
+    """``(strategy, logical values, rendered history)`` for one top-k strategy (``on_missing="warn"``)."""
+    name = draw(st.sampled_from(METRIC_NAMES))
+    strategy = draw(top_k_strategies(name, min_delta=min_delta, top_k=top_k))
+    logical = draw(st.lists(values, max_size=max_size))
+    return strategy, logical, [draw(rendered({name: value})) for value in logical]
+
+
+#: Non-decreasing global steps with gaps (0 allowed: repeated decisions at one step).
+non_decreasing_steps = st.tuples(st.integers(0, 50), st.lists(st.integers(0, 30), max_size=30)).map(
+    lambda start_gaps: [start_gaps[0] + sum(start_gaps[1][:i]) for i in range(len(start_gaps[1]) + 1)]
+)
+
+#: Non-decreasing clock readings on a quarter-second grid (exact in floats).
+non_decreasing_clocks = st.tuples(st.integers(-400, 400), st.lists(st.integers(0, 200), max_size=30)).map(
+    lambda start_gaps: [(start_gaps[0] + sum(start_gaps[1][:i])) / 4 for i in range(len(start_gaps[1]) + 1)]
+)
+
+#: Periods of ``Every(seconds=...)`` on the same grid.
+grid_seconds = st.integers(1, 400).map(lambda i: i / 4)

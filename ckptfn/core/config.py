@@ -8,6 +8,7 @@ offending entry relative to the object the user passed.
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable, Mapping, Sequence
 
 import attrs
@@ -20,7 +21,7 @@ from ckptfn.core.strategy import ON_MISSING, Strategy, check_bool
 __all__ = ["STRATEGY_KEYS", "Config", "as_config", "parse_strategy"]
 
 STRATEGY_KEYS = tuple(field.name for field in attrs.fields(Strategy))
-_WRAPPER_KEYS = ("enabled", "strategies", "on_missing", "trackers")
+_WRAPPER_KEYS = ("enabled", "strategies", "on_missing", "trackers", "save_on")
 _PLAIN_DATA_HINT = "(use Config.from_mapping for plain data)"
 
 
@@ -132,6 +133,48 @@ def _check_names(_inst: object, attribute: attrs.Attribute, value: object) -> No
             raise ConfigError(f"expected a tracker name, got {type(name).__name__} {name!r}", f"{attribute.name}[{index}]")
 
 
+#: Signals no process can catch: a preemption save can never be made on them.
+_UNCATCHABLE = ("SIGKILL", "SIGSTOP")
+_SIGNAL_NAME = re.compile(r"SIG[A-Z][A-Z0-9]*")
+
+
+def _signal_name_problem(name: object) -> str | None:
+    """Why ``name`` is not a signal name a preemption save can be made on, else None.
+
+    The core knows names only; which of them this platform has is checked by the shell
+    that installs the handlers (``ckptfn.shells.preemption``).
+
+    >>> _signal_name_problem("SIGUSR1") is None, _signal_name_problem("sigterm"), _signal_name_problem("SIGKILL")
+    (True, "expected a signal name such as 'SIGTERM', got 'sigterm' (did you mean 'SIGTERM'?)", "'SIGKILL' cannot be caught, so no save can be made on it")
+    """
+    if not isinstance(name, str) or not _SIGNAL_NAME.fullmatch(name):
+        shown = f"{type(name).__name__} {name!r}" if not isinstance(name, str) else repr(name)
+        guess = name.upper() if isinstance(name, str) else ""
+        guess = guess if guess.startswith("SIG") else "SIG" + guess
+        hint = f" (did you mean {guess!r}?)" if isinstance(name, str) and _SIGNAL_NAME.fullmatch(guess) else ""
+        return f"expected a signal name such as 'SIGTERM', got {shown}{hint}"
+    if name in _UNCATCHABLE:
+        return f"{name!r} cannot be caught, so no save can be made on it"
+    return None
+
+
+def _check_save_on(inst: Config, attribute: attrs.Attribute, value: object) -> None:
+    if not isinstance(value, tuple):
+        raise ConfigError(f"expected a list of signal names, got {type(value).__name__} {value!r}", attribute.name)
+    for index, name in enumerate(value):
+        problem = _signal_name_problem(name)
+        if problem is None and name in value[:index]:
+            problem = f"{name!r} is listed twice"
+        if problem is not None:
+            raise ConfigError(problem, f"{attribute.name}[{index}]")
+    if value and inst.active and not any(isinstance(strategy, Every) for strategy in inst.strategies):
+        raise ConfigError(
+            "a preemption save writes the config's Every strategies (last.pt), and it has none; "
+            "add one, e.g. Every(filename='last.pt') (also saved every epoch) or Every(seconds=3600, filename='last.pt')",
+            attribute.name,
+        )
+
+
 def _check_on_missing(_inst: object, attribute: attrs.Attribute, value: object) -> None:
     if value not in ON_MISSING:
         raise ConfigError(f"{value!r} is not one of 'error', 'warn'", attribute.name)
@@ -158,11 +201,16 @@ class Config:
     #: names of experiment trackers that hear about every save (``"wandb"``, ``"mlflow"``);
     #: the shells build them (``ckptfn.integrations.trackers``)
     trackers: tuple[str, ...] = attrs.field(default=(), kw_only=True, converter=_to_names, validator=_check_names)
+    #: names of the signals that announce a preemption (``"SIGTERM"``, ``"SIGUSR1"``): the shells
+    #: record them and write every ``Every`` strategy's file at the next safe point
+    #: (``ckptfn.shells.preemption``). An active config that names any needs an ``Every``.
+    save_on: tuple[str, ...] = attrs.field(default=(), kw_only=True, converter=_to_names, validator=_check_save_on)
 
     def __repr__(self) -> str:
         missing = "" if self.on_missing == "error" else f", on_missing={self.on_missing!r}"
         trackers = f", trackers={self.trackers!r}" if self.trackers else ""
-        return f"Config(strategies={self.strategies!r}, enabled={self.enabled!r}{missing}{trackers})"
+        save_on = f", save_on={self.save_on!r}" if self.save_on else ""
+        return f"Config(strategies={self.strategies!r}, enabled={self.enabled!r}{missing}{trackers}{save_on})"
 
     def on_missing_of(self, strategy: Strategy) -> str:
         """What ``strategy`` does when its metric is missing before its first save: its own
@@ -200,7 +248,8 @@ class Config:
         mappings, or ``{"enabled": bool, "strategies": [...]}``; a ``Config``, a
         ``Strategy``/``Every`` or such items in the sequence pass through. A mapping
         with ``every_n_epochs``, ``every_n_steps`` or ``every_seconds`` (instead of
-        ``metric_name``) is an ``Every``. The wrapper may set ``on_missing``.
+        ``metric_name``) is an ``Every``. The wrapper may set ``on_missing``, ``trackers``
+        and ``save_on`` (signal names that trigger a preemption save).
 
         >>> Config.from_mapping([{"metric_name": "val_corr", "mode": "max"}]).strategies[0].filename
         'best_val_corr.pt'
@@ -212,6 +261,12 @@ class Config:
         ckptfn.ConfigError: [0]: unknown key 'mdoe' (did you mean 'mode'?); valid keys: metric_name, mode, filename, overwrite, min_delta, keep, top_k, on_missing
         >>> Config.from_mapping([{"metric_name": "val_loss"}, {"every_n_epochs": 2, "filename": "last.ckpt"}]).strategies[1]
         Every(n_epochs=2, filename='last.ckpt', overwrite=True, keep=None)
+        >>> Config.from_mapping({"save_on": ["SIGTERM", "SIGUSR1"], "strategies": [{"every_n_steps": 500}]}).save_on
+        ('SIGTERM', 'SIGUSR1')
+        >>> Config.from_mapping({"save_on": ["SIGTERM"], "strategies": [{"metric_name": "val_loss"}]})
+        Traceback (most recent call last):
+        ...
+        ckptfn.ConfigError: save_on: a preemption save writes the config's Every strategies (last.pt), and it has none; add one, e.g. Every(filename='last.pt') (also saved every epoch) or Every(seconds=3600, filename='last.pt')
         """
         return as_config(obj)
 
@@ -230,8 +285,9 @@ def _items(mapping: Mapping, path: str) -> list[tuple[str, object]]:
     return items
 
 
-def _unknown_key(key: str, valid: Sequence[str], path: str) -> ConfigError:
-    close = difflib.get_close_matches(key, valid, n=1)
+def _unknown_key(key: str, valid: Sequence[str], path: str, also: Sequence[str] = ()) -> ConfigError:
+    """An unknown key, the closest known one (among ``valid`` and ``also``), and the valid keys."""
+    close = difflib.get_close_matches(key, [*valid, *also], n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     return ConfigError(f"unknown key {key!r}{hint}; valid keys: {', '.join(valid)}", path)
 
@@ -285,7 +341,7 @@ def parse_strategy(obj: object, path: str = "") -> Strategy | Every:
     fields = {}
     for key, value in items:
         if key not in STRATEGY_KEYS:
-            raise _unknown_key(key, STRATEGY_KEYS, path)
+            raise _unknown_key(key, STRATEGY_KEYS, path, also=tuple(TRIGGER_KEYS))
         if not (key == "filename" and value is None):
             fields[key] = value
     if "metric_name" not in fields:
@@ -320,8 +376,13 @@ def _parse_wrapper(obj: Mapping) -> Config:
         raise ConfigError(f"expected true or false, got {type(enabled).__name__} {enabled!r}", "enabled")
     on_missing = fields.get("on_missing", "error")
     trackers = fields.get("trackers") or ()
+    save_on = fields.get("save_on") or ()
     return Config(
-        _parse_sequence(fields.get("strategies"), "strategies"), enabled=enabled, on_missing=on_missing, trackers=trackers
+        _parse_sequence(fields.get("strategies"), "strategies"),
+        enabled=enabled,
+        on_missing=on_missing,
+        trackers=trackers,
+        save_on=save_on,
     )
 
 

@@ -24,7 +24,7 @@ import attrs
 from ckptfn.core.errors import ConfigError
 from ckptfn.core.strategy import check_bool, check_filename, check_keep, to_keep
 
-__all__ = ["EVERY_KEYS", "LAST_FILENAME", "TRIGGER_KEYS", "Every", "due", "restarted"]
+__all__ = ["EVERY_KEYS", "LAST_FILENAME", "TRIGGER_KEYS", "Every", "counter", "due", "restarted"]
 
 LAST_FILENAME = "last.pt"
 #: The plain-data key of each trigger, and the ``Every`` field it sets.
@@ -150,19 +150,35 @@ def _count_due(period: int, done: int, done_at_last: int | None) -> bool:
     return done // period > since // period
 
 
+def counter(every: Every, *, epoch: int, global_step: int | None = None, now: float | None = None) -> float | None:
+    """The value of ``every``'s trigger counter at a decision: the epoch, the global step or the clock.
+
+    >>> counter(Every(n_steps=5), epoch=2, global_step=120), counter(Every(seconds=9), epoch=2, now=7.5)
+    (120, 7.5)
+    """
+    name = every.trigger[0]
+    return epoch if name == "n_epochs" else global_step if name == "n_steps" else now
+
+
 def restarted(every: Every, last, *, epoch: int, global_step: int | None = None, now: float | None = None) -> bool:
-    """Whether the counter of ``every``'s trigger went back since its last save (a new phase).
+    """Whether the counter of ``every``'s trigger went back since the last decision (a new phase):
+    below the counter the previous decision saw (``Last.seen``), or, when that is not known,
+    below its last save's.
 
     >>> from ckptfn.core.state import Last
     >>> restarted(Every(1), Last(9), epoch=0), restarted(Every(n_steps=5), Last(9, 100), epoch=0, global_step=120)
     (True, False)
+    >>> restarted(Every(n_steps=20), Last(0, 20, seen=35), epoch=0, global_step=25)  # above the save, below the last decision
+    True
     """
+    now_at = counter(every, epoch=epoch, global_step=global_step, now=now)
+    if now_at is None:
+        return False
     name = every.trigger[0]
-    if name == "n_epochs":
-        return last.epoch is not None and epoch < last.epoch
-    if name == "n_steps":
-        return last.global_step is not None and global_step is not None and global_step < last.global_step
-    return last.time is not None and now is not None and now < last.time
+    before = last.seen
+    if before is None:
+        before = last.epoch if name == "n_epochs" else last.global_step if name == "n_steps" else last.time
+    return before is not None and now_at < before
 
 
 def due(every: Every, last, *, epoch: int, global_step: int | None = None, now: float | None = None) -> bool:

@@ -139,12 +139,17 @@ def _target(save: Save | Enter | Periodic) -> Target:
     return Target(save.filename, save.strategy.overwrite, keep=save.strategy.keep, aside=getattr(save, "aside", None))
 
 
+def _member_names(best) -> tuple[str, ...]:
+    at = (best.at,) if getattr(best, "at", None) else ()
+    return at + tuple(member.name for member in best.others)
+
+
 def _families_of(saves: Sequence[Save | Enter | Periodic], state: State | None) -> tuple:
     if state is None:
         return ()
     kept = {s.filename: best for s, best in zip(state.config.strategies, state.bests)}
     return tuple(
-        (save.strategy.filename, tuple(member.name for member in kept[save.strategy.filename].others))
+        (save.strategy.filename, _member_names(kept[save.strategy.filename]))
         for save in saves
         if type(save) is not Periodic and save.strategy.top_k > 1 and save.strategy.filename in kept
     )

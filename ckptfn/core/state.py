@@ -70,6 +70,17 @@ def _optional_real(value: object) -> object:
     return float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else value
 
 
+def _int_or_real(value: object) -> object:
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    return _optional_real(value)
+
+
+def _check_seen(_inst: object, attribute: attrs.Attribute, value: object) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
+        raise ConfigError(f"expected a finite number or None, got {value!r}", attribute.name)
+
+
 def _position(epoch: int | None, global_step: int | None) -> str:
     return "" if global_step is None else f", global_step={global_step!r}"
 
@@ -122,10 +133,14 @@ class Best:
     )
     global_step: int | None = attrs.field(default=None, validator=[_check_count, _check_step_has_epoch])
     others: tuple[Member, ...] = attrs.field(default=(), converter=tuple, validator=_check_others)
+    #: top-k, when the file at the strategy's name is gone (moved away by hand): the member name
+    #: that holds the best; None: the best is the file at the strategy's name
+    at: str | None = attrs.field(default=None, kw_only=True, validator=attrs.validators.optional(attrs.validators.instance_of(str)))
 
     def __repr__(self) -> str:
         others = f", others={self.others!r}" if self.others else ""
-        return f"Best(value={self.value!r}, epoch={self.epoch!r}{_position(self.epoch, self.global_step)}{others})"
+        at = f", at={self.at!r}" if self.at is not None else ""
+        return f"Best(value={self.value!r}, epoch={self.epoch!r}{_position(self.epoch, self.global_step)}{others}{at})"
 
 
 @attrs.frozen
@@ -149,6 +164,9 @@ class Last:
     epoch: int | None = attrs.field(default=None, validator=_check_count)
     global_step: int | None = attrs.field(default=None, validator=[_check_count, _check_step_has_epoch])
     time: float | None = attrs.field(default=None, kw_only=True, converter=_optional_real, validator=_check_time, eq=False)
+    #: the trigger's counter (epoch, global step or clock reading) at the last decision, saved or
+    #: not: a counter below it is a new phase even when it is still above the last save's
+    seen: float | None = attrs.field(default=None, kw_only=True, converter=_int_or_real, validator=_check_seen, eq=False)
 
     def __repr__(self) -> str:
         time = "" if self.time is None else f", time={self.time!r}"
@@ -236,10 +254,14 @@ def _entry(strategy: object, best: Best | Last) -> dict:
             "keep": strategy.keep,
             "last_epoch": best.epoch,
             "last_global_step": best.global_step,
+            # the clock of Every(seconds=...) is this process's: never stored
+            "last_seen": None if strategy.trigger[0] == "seconds" else best.seen,
         }
     entry = {**attrs.asdict(strategy), "best": best.value, "best_epoch": best.epoch, "best_global_step": best.global_step}
     if best.others:
         entry["top_k_others"] = [_member_entry(member) for member in best.others]
+    if best.at is not None:
+        entry["best_at"] = best.at
     return entry
 
 
@@ -307,9 +329,12 @@ def _saved_best(entry: object, path: str) -> tuple[tuple[str, str, str], Best]:
     others = entry.get("top_k_others", [])
     if not isinstance(others, Sequence) or isinstance(others, (str, bytes)):
         raise ConfigError(f"expected a list, got {type(others).__name__}", f"{path}.top_k_others")
+    at = entry.get("best_at")
+    if at is not None and not (isinstance(at, str) and at):
+        raise ConfigError(f"expected a file name or None, got {at!r}", f"{path}.best_at")
     try:
         members = tuple(_saved_member(item, f"{path}.top_k_others[{i}]") for i, item in enumerate(others))
-        best = Best(None if value is None else float(value), epoch, step, members)
+        best = Best(None if value is None else float(value), epoch, step, members, at=at)
     except ConfigError as error:
         raise error.within(path) if not error.path.startswith(path) else error from None
     return identity, best
@@ -324,8 +349,11 @@ def _saved_entry(entry: object, path: str) -> tuple[tuple, Best | Last]:
     step = entry.get("last_global_step")
     if not _is_optional_count(step):
         raise ConfigError(f"expected an int >= 0 or None, got {step!r}", f"{path}.last_global_step")
+    seen = entry.get("last_seen")
+    if not _is_optional_finite(seen):
+        raise ConfigError(f"expected a number or None, got {seen!r}", f"{path}.last_seen")
     try:
-        return ("every", filename), Last(epoch, step if epoch is not None else None)
+        return ("every", filename), Last(epoch, step if epoch is not None else None, seen=seen)
     except ConfigError as error:
         raise error.within(path) from None
 
@@ -391,7 +419,7 @@ def fit(strategy: object, best: Best | Last) -> Best | Last:
     """
     if type(best) is not Best or len(best.others) <= strategy.top_k - 1:
         return best
-    return Best(best.value, best.epoch, best.global_step, best.others[: strategy.top_k - 1])
+    return Best(best.value, best.epoch, best.global_step, best.others[: strategy.top_k - 1], at=best.at)
 
 
 def _last_from_file(every: Every, metadata: Mapping | None) -> Last:
@@ -436,9 +464,13 @@ def _best_from_files(strategy, found: Mapping[str, Mapping | None]) -> Best | La
             if member_of(name, strategy.filename) and (choice := _saved_choice(strategy, metadata)) is not None
         )
         others = [Member(c[0], c[1], c[2], name) for _, name, c in chosen if c != best]
-    if best is None:
-        return _NOTHING_SAVED if not others else fit(strategy, Best(None, None, None, ranked(strategy.mode, others)))
-    return fit(strategy, Best(best[0], best[1], best[2], ranked(strategy.mode, others)))
+    others = ranked(strategy.mode, others)
+    if best is None:  # the best file is gone (moved away by hand): the best member is the best, where it is
+        if not others:
+            return _NOTHING_SAVED
+        top, *rest = others
+        return fit(strategy, Best(top.value, top.epoch, top.global_step, rest, at=top.name))
+    return fit(strategy, Best(best[0], best[1], best[2], others))
 
 
 def restore_from_saves(config: object, found: Mapping[str, Mapping | None], steps: int = 0) -> State:

@@ -16,13 +16,13 @@ import toolz
 from ckptfn.core.actions import Enter, Periodic, Save, Skip, improved
 from ckptfn.core.config import Config, as_config
 from ckptfn.core.errors import MetricTypeError, MissingMetricError
-from ckptfn.core.every import Every, due, restarted
+from ckptfn.core.every import Every, counter, due, restarted
 from ckptfn.core.metrics import MISSING, lookup, metric_names, metric_value, missing_hint
 from ckptfn.core.state import Best, Last, State
 from ckptfn.core.strategy import Strategy
 from ckptfn.core.topk import judge_top_k
 
-__all__ = ["Action", "best_values", "init", "new_skips", "scan", "step"]
+__all__ = ["Action", "best_values", "init", "new_skips", "preempt", "scan", "step"]
 
 Action = Save | Enter | Periodic | Skip
 
@@ -39,12 +39,15 @@ def init(config: object) -> State:
     return State(as_config(config))
 
 
-def _periodic(every: Every, last: Last, epoch: int, global_step: int | None, now: float | None):
+def _periodic(every: Every, last: Last, epoch: int, global_step: int | None, now: float | None, force: bool = False):
+    seen = counter(every, epoch=epoch, global_step=global_step, now=now)
+    if force:  # a preemption: saved now, whatever the period; the period counts from here
+        return Last(epoch, global_step, time=now, seen=seen), Periodic(every, epoch, global_step=global_step)
     if restarted(every, last, epoch=epoch, global_step=global_step, now=now):
         last = Last()  # a new phase: it saves as a fresh run would, and its state says so
     if not due(every, last, epoch=epoch, global_step=global_step, now=now):
-        return last, None
-    return Last(epoch, global_step, time=now), Periodic(every, epoch, global_step=global_step)
+        return Last(last.epoch, last.global_step, time=last.time, seen=seen), None
+    return Last(epoch, global_step, time=now, seen=seen), Periodic(every, epoch, global_step=global_step)
 
 
 def _judge(
@@ -95,6 +98,7 @@ def step(
     *,
     global_step: int | None = None,
     now: float | None = None,
+    preempted: bool = False,
 ) -> tuple[State, tuple[Action, ...]]:
     """Judge one decision's metrics: the new state and the actions to perform, in strategy order.
 
@@ -108,6 +112,8 @@ def step(
     ``Every(n_steps=...)``; ``now`` (seconds on a clock of the shell's choosing) is
     needed by ``Every(seconds=...)``. A metric missing before its strategy's first save
     raises ``MissingMetricError`` unless that strategy's ``on_missing`` is ``"warn"``.
+    ``preempted=True`` (the run is about to stop): every ``Every`` saves at this decision
+    whatever its period, as ``preempt`` says; the metric strategies are judged as always.
 
     >>> state = init([Strategy("val_loss"), Strategy("loss_components.concordance")])
     >>> state, actions = step(state, {"val_loss": 0.5, "loss_components": {"concordance": 0.2}})
@@ -119,6 +125,9 @@ def step(
     >>> state, actions = step(init(Every(n_steps=20, filename="last.ckpt")), {}, epoch=0, global_step=20)
     >>> actions
     (Periodic(strategy=Every(n_steps=20, filename='last.ckpt', overwrite=True, keep=None), epoch=0, global_step=20),)
+    >>> _, actions = step(state, {}, epoch=0, global_step=27, preempted=True)  # not due until step 40
+    >>> [(a.filename, a.global_step) for a in actions]
+    [('last.ckpt', 27)]
     """
     if not isinstance(metrics, dict) and not isinstance(metrics, Mapping):  # dict first: fast
         raise MetricTypeError(
@@ -135,13 +144,54 @@ def step(
     bests, actions = [], []
     for strategy, best in zip(config.strategies, state.bests):
         if type(strategy) is Every:
-            best, action = _periodic(strategy, best, at, position, now)
+            best, action = _periodic(strategy, best, at, position, now, preempted)
         else:
             best, action = _judge(config, strategy, best, metrics, at, position)
         bests.append(best)
         if action is not None:
             actions.append(action)
     return State(config, tuple(bests), state.steps + 1), tuple(actions)
+
+
+def preempt(
+    state: State, epoch: int | None = None, *, global_step: int | None = None, now: float | None = None
+) -> tuple[State, tuple[Periodic, ...]]:
+    """The save a preempted run makes between decisions: every ``Every`` strategy's ``Periodic``
+    at this position, whatever its period, and the state that records them.
+
+    No metric is judged (there are none between validations): the metric strategies keep
+    their bests, and the number of decisions (``state.steps``, the default ``epoch``) stays.
+    Each ``Every`` counts its period from here, as after any save of its own. A config
+    with no ``Every`` (or an inactive one) gives no action: ``Config.save_on`` refuses an
+    active config without one, so a preemption never silently saves nothing.
+    ``step(..., preempted=True)`` is the same at a decision, with the metrics judged too.
+
+    >>> from ckptfn.core.every import Every
+    >>> state = init([Strategy("val_loss"), Every(n_steps=500, filename="last.pt"), Every(seconds=1800, filename="hourly.pt")])
+    >>> state, actions = step(state, {"val_loss": 0.4}, epoch=0, global_step=500, now=10.0)
+    >>> [a.filename for a in actions]
+    ['best_val_loss.pt', 'last.pt', 'hourly.pt']
+    >>> after, actions = preempt(state, 1, global_step=731, now=20.0)  # neither period is due
+    >>> [(a.filename, a.epoch, a.global_step) for a in actions]
+    [('last.pt', 1, 731), ('hourly.pt', 1, 731)]
+    >>> after.bests[0] == state.bests[0], after.bests[1], after.steps == state.steps
+    (True, Last(epoch=1, global_step=731, time=20.0), True)
+    >>> [a.global_step for a in step(after, {"val_loss": 0.5}, 1, global_step=1000, now=30.0)[1]]  # next save at 1000
+    [1000]
+    """
+    at = state.steps if epoch is None else _count("epoch", epoch)
+    position = None if global_step is None else _count("global_step", global_step)
+    now = _clock(now)
+    config = state.config
+    if not config.active:
+        return state, ()
+    bests, actions = [], []
+    for strategy, best in zip(config.strategies, state.bests):
+        if type(strategy) is Every:
+            best, action = _periodic(strategy, best, at, position, now, force=True)
+            actions.append(action)
+        bests.append(best)
+    return State(config, tuple(bests), state.steps), tuple(actions)
 
 
 def scan(

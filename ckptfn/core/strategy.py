@@ -141,9 +141,11 @@ def default_filename(metric_name: str) -> str:
     """
     stem = _NOT_IN_NAMES.sub("_", metric_name)
     stem = "".join(ch if ch.isprintable() else "_" for ch in stem)
-    encoded = stem.encode("utf-8", "surrogateescape")
+    stem = stem.encode("utf-8", "replace").decode("utf-8")  # a lone surrogate is no file name: "?"
+    stem = stem.replace("?", "_")
+    encoded = stem.encode("utf-8")
     if len(encoded) > _MAX_DEFAULT_STEM:
-        check = f"{zlib.crc32(metric_name.encode('utf-8', 'surrogateescape')):08x}"
+        check = f"{zlib.crc32(metric_name.encode('utf-8', 'surrogatepass')):08x}"
         head = encoded[: _MAX_DEFAULT_STEM - 9].decode("utf-8", "ignore")  # never half a character
         stem = f"{head}_{check}"
     return f"best_{stem}.pt"

@@ -141,7 +141,7 @@ def summary_lines(state: State, path_of: Callable[[str], str]) -> tuple[str, ...
         if best.value is None:
             line = f"{head}: never saved"
         else:
-            line = f"{head}: best {best.value:.6g} at {position(best.epoch, best.global_step)} -> {path_of(strategy.filename)}"
+            line = f"{head}: best {best.value:.6g} at {position(best.epoch, best.global_step)} -> {path_of(best.at or strategy.filename)}"
         if best.others:
             members = ", ".join(
                 f"{m.value:.6g} at {position(m.epoch, m.global_step)} -> {path_of(m.name)}" for m in best.others

@@ -47,14 +47,20 @@ def judge_top_k(
     ('Enter', ('best_acc-epoch=0.pt',))
     """
     k, mode, delta = strategy.top_k, strategy.mode, strategy.min_delta
+    if best.value is None and best.others:  # the best file is gone: the best member is the best, where it is
+        top, *rest = ranked(mode, best.others)
+        best = Best(top.value, top.epoch, top.global_step, rest, at=top.name)
     others = best.others
     full = (best.value is not None) + len(others) >= k
-    taken = frozenset(member.name for member in others)
+    taken = frozenset(member.name for member in others) | ({best.at} if best.at else set())
     if improved(mode, best.value, value, delta):  # a new best: the old one steps aside
         aside = None
         if best.value is not None:
-            aside = free_member_name(strategy.filename, best.epoch, best.global_step, taken)
-            others = ranked(mode, (Member(best.value, best.epoch, best.global_step, aside), *others))
+            # where the old best stays: its own member name if it already has one (its file at the
+            # strategy's name was moved away by hand), else a new one it is moved aside to
+            kept_as = best.at or free_member_name(strategy.filename, best.epoch, best.global_step, taken)
+            aside = None if best.at else kept_as
+            others = ranked(mode, (Member(best.value, best.epoch, best.global_step, kept_as), *others))
         kept, leaving = others[: k - 1], others[k - 1 :]
         action = Save(
             strategy, epoch, value, best.value, global_step=global_step, aside=aside,
@@ -71,4 +77,4 @@ def judge_top_k(
         strategy, epoch, value, name, kth=kth, global_step=global_step,
         leaves=tuple(member.name for member in leaving),
     )
-    return Best(best.value, best.epoch, best.global_step, kept), action
+    return Best(best.value, best.epoch, best.global_step, kept, at=best.at), action

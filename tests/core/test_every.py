@@ -149,7 +149,7 @@ def test_to_dict_of_every_and_restore_by_identity():
     config = Config([Strategy("val_loss"), Every(2, filename="last.pt")])
     state, _ = scan(init(config), [{"val_loss": 1.0}, {"val_loss": 2.0}])
     data = state.to_dict()
-    assert data["strategies"][1] == {"every_n_epochs": 2, "filename": "last.pt", "overwrite": True, "keep": None, "last_epoch": 1, "last_global_step": None}
+    assert data["strategies"][1] == {"every_n_epochs": 2, "filename": "last.pt", "overwrite": True, "keep": None, "last_epoch": 1, "last_global_step": None, "last_seen": 1}
     # a changed period keeps the last save (same file); a renamed file starts fresh
     assert ckptfn.restore([Strategy("val_loss"), Every(3, filename="last.pt")], data).bests[1] == Last(1)
     assert ckptfn.restore([Strategy("val_loss"), Every(2, filename="latest.pt")], data).bests[1] == Last()
