@@ -26,7 +26,7 @@ import zipfile
 
 from ckptfn.core.errors import CheckpointError
 
-__all__ = ["Archive", "Damaged", "Window", "check_archive", "read_at"]
+__all__ = ["Archive", "Damaged", "Window", "check_archive", "ranges_to_read", "read_at"]
 
 
 #: torch.save's version records hold a number; torch 2.13 reads versions 1 to 10.
@@ -115,6 +115,29 @@ def _local_sizes(header: tuple, extra: bytes, name: str) -> tuple[int, int]:
             return compressed, uncompressed
         at += 4 + length
     raise Damaged(f"zip member {name!r}: its local header declares zip64 sizes but holds none")
+
+
+def ranges_to_read(file, size: int, small: int = 1 << 16) -> list[tuple[int, int]]:
+    """The byte ranges ``check_archive`` and a read of ``data.pkl`` will touch, from the central
+    directory (which ``file`` must already serve): each member's local header, and the whole
+    of every member up to ``small`` bytes (``data.pkl``, ``version``, ...). A remote reader
+    fetches them in one concurrent batch instead of one request per member. Damage is left
+    for ``check_archive`` to report: this only guesses.
+    """
+    try:
+        file.seek(0)
+        members = zipfile.ZipFile(file).infolist()
+    except Exception:  # noqa: BLE001 - check_archive reports the damage properly
+        return []
+    spare = 1 << 10  # local name and extra field: torch's padding field is up to 64 bytes, names are short
+    ranges = []
+    for member in members:
+        start = member.header_offset
+        length = _LOCAL.size + len(member.orig_filename.encode("utf-8", "replace")) + spare
+        if member.file_size <= small or member.filename.endswith("/data.pkl"):
+            length += member.compress_size
+        ranges.append((start, min(size, start + length)))
+    return ranges
 
 
 def check_archive(file, size: int) -> Archive:

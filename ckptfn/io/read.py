@@ -23,10 +23,10 @@ from collections.abc import Iterable, Mapping
 
 from ckptfn.core.errors import CheckpointError, CheckpointNotFoundError
 from ckptfn.io.fs import open_regular
-from ckptfn.io.objectstore import is_remote, join, local_path, store_for
+from ckptfn.io.objectstore import RangeReader, is_remote, join, local_path, store_for
 from ckptfn.core.config import as_config
 from ckptfn.core.metadata import FORMAT, decompose
-from ckptfn.io.archive import Archive, Damaged, check_archive, read_at
+from ckptfn.io.archive import Damaged, check_archive, ranges_to_read, read_at
 from ckptfn.io.peek import Scanned, checked_metadata, metadata_of, scan
 from ckptfn.core.naming import DCP_SUFFIX, dcp_name, member_of, split_suffix
 from ckptfn.io.dcp import is_sharded_checkpoint, load_consolidated, read_sharded_metadata
@@ -137,6 +137,10 @@ def _checked_file(path: str | os.PathLike) -> tuple[pathlib.Path, Scanned, str]:
     return path, scanned, member
 
 
+#: Bytes fetched from the end of a remote checkpoint first: the end record and the central directory.
+REMOTE_TAIL = 1 << 16
+
+
 def _remote_checked(url: str):
     """``(store, store path, scan, member)`` of a remote checkpoint, fetching only the zip's
     directory and ``data.pkl`` (range requests of ``BLOCK_SIZE``); else the documented error."""
@@ -145,8 +149,11 @@ def _remote_checked(url: str):
         size = store.size(key)
         if size is None:
             raise CheckpointNotFoundError(f"{url}: no such checkpoint", url)
-        with store.reader(key) as file:
-            scanned, member = _checked_stream(url, file, size)
+        reader = RangeReader(store, key, size)
+        reader.prefetch([(size - REMOTE_TAIL, size)])  # the end record and (usually) the central directory
+        reader.prefetch(ranges_to_read(reader, size))  # then every local header and small member, in one batch
+        reader.seek(0)
+        scanned, member = _checked_stream(url, reader, size)
     except CheckpointError:
         raise
     except Exception as error:  # noqa: BLE001 - the store's errors (network, permissions) as one kind

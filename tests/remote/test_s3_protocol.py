@@ -80,14 +80,14 @@ def test_archives_keep_and_top_k_follow_the_same_rules_as_on_disk(s3_url, s3, tm
 def test_reading_metadata_fetches_only_ranges(s3_url, s3, monkeypatch):
     update(ckptfn.init(ckptfn.Strategy("val_loss")), {"val_loss": 0.5}, 0, s3_url, {"w": torch.zeros(4 << 20)})
     fetched = []
-    original = s3fs.core.S3File._fetch_range
+    original = ObjectStore.read_ranges
 
-    def counting(self, start, end):
-        data = original(self, start, end)
-        fetched.append(len(data))
+    def counting(self, path, ranges):
+        data = original(self, path, ranges)
+        fetched.extend(len(chunk) for chunk in data)
         return data
 
-    monkeypatch.setattr(s3fs.core.S3File, "_fetch_range", counting)
+    monkeypatch.setattr(ObjectStore, "read_ranges", counting)
     metadata = ckptfn.read_metadata(s3_url + "/best_val_loss.pt")
     assert metadata["saves"][0]["value"] == 0.5
     size = s3.info(s3_url.removeprefix("s3://") + "/best_val_loss.pt")["size"]
