@@ -431,7 +431,9 @@ def _last_from_file(every: Every, metadata: Mapping | None) -> Last:
     step = entry.get("global_step", metadata.get("global_step"))
     if not _is_count(epoch):
         return _NEVER_SAVED
-    return Last(epoch, step if _is_count(step) else None)
+    step = step if _is_count(step) else None
+    seen = {"n_epochs": epoch, "n_steps": step}.get(every.trigger[0])  # the last decision was at least there
+    return Last(epoch, step, seen=seen)
 
 
 def _saved_choice(strategy, metadata: Mapping | None) -> tuple[float, int, int | None, str] | None:

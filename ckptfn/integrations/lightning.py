@@ -13,42 +13,149 @@ the key ``"metadata"`` (ckptfn's *flat* layout). So the same file is read by
   ``ckptfn.read_metadata`` and ``ckptfn.restore_from_directory``,
 - plain ``torch.load(path, weights_only=True)``.
 
-It is written once per epoch whatever the number of names (hard links), atomically,
-by global rank 0, after every rank took the same decision from rank 0's metrics.
+With ``save_weights_only=True`` the file holds what ``trainer.save_checkpoint(path,
+weights_only=True)`` writes instead (no optimizer, scheduler or callback states), plus
+the same metadata.
+
+It is written once per decision whatever the number of names (hard links), atomically,
+by global rank 0, after every rank took the same decision from rank 0's metrics. After
+each committed write, rank 0 tells the ``on_saved`` hooks and the loggers
+(``logger.after_save_checkpoint``, as ``ModelCheckpoint`` does).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 import pathlib
+import types
 import warnings
+import weakref
 from collections.abc import Mapping
 
+import attrs
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.strategies import Strategy as LightningStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 
+from ckptfn.core.actions import Enter, Save
 from ckptfn.core.config import Config, as_config
 from ckptfn.core.errors import CheckpointError, CheckpointWriteError, MetricTypeError, PayloadError
 from ckptfn.core.every import Every
 from ckptfn.core.metrics import metric_value
 from ckptfn.core.snapshot import partition
-from ckptfn.core.state import State, restore, resume_state
+from ckptfn.core.state import Best, State, restore, resume_state
+from ckptfn.core.strategy import Strategy
 from ckptfn.core.summary import count_of
 from ckptfn.core.step import best_values, init, step
 from ckptfn.integrations import lightning_internals
 from ckptfn.io.read import restore_from_directory
 from ckptfn.io.write import write
-from ckptfn.shells.recipe import plan, report_skips, state_to_keep, user_stacklevel
+from ckptfn.shells.recipe import hooks_of, notify, plan, report_skips, state_to_keep, trackers_of, user_stacklevel
 
-__all__ = ["Checkpointing"]
+__all__ = ["BestFiles", "Checkpointing", "step_between_validations"]
 
 logger = logging.getLogger("ckptfn")
 
 _HPARAMS_OWNERS = (pl.LightningModule, pl.LightningDataModule)
+
+
+def _read_only(mapping: Mapping) -> Mapping:
+    return types.MappingProxyType(dict(mapping))
+
+
+@attrs.frozen
+class BestFiles:
+    """One metric strategy's files and values under ``ModelCheckpoint``'s attribute names.
+
+    ``best_model_path`` is the strategy's file ("" before its first save) and
+    ``best_model_score`` its value (a tensor, or None); ``best_k_models`` maps the path
+    of every file it keeps by value (the best, and with ``top_k`` > 1 the other
+    members) to its value; ``kth_best_model_path`` and ``kth_value`` are the worst of
+    those once the top k is full ("" and +/-inf before, as in ``ModelCheckpoint``);
+    ``save_top_k`` is its ``top_k``, or -1 when it keeps every best (``overwrite=False``,
+    ``keep=None``). ``Checkpointing.bests_by_filename`` holds one per metric strategy.
+
+    >>> import ckptfn
+    >>> callback = Checkpointing([ckptfn.Strategy("val_loss", top_k=2)], dirpath="run")
+    >>> callback.load_state_dict(ckptfn.State(callback.config, [ckptfn.Best(0.25, 3, 40, [
+    ...     ckptfn.Member(0.5, 1, 20, "best_val_loss-epoch=1-step=20.pt")])]).to_dict())
+    >>> files = callback.bests_by_filename["best_val_loss.pt"]
+    >>> files.best_model_path, files.best_model_score, files.kth_best_model_path, files.kth_value
+    ('run/best_val_loss.pt', tensor(0.2500), 'run/best_val_loss-epoch=1-step=20.pt', tensor(0.5000))
+    """
+
+    monitor: str
+    mode: str
+    save_top_k: int
+    best_model_path: str
+    best_model_score: torch.Tensor | None = attrs.field(eq=False)
+    best_k_models: Mapping[str, torch.Tensor] = attrs.field(eq=False, converter=_read_only)
+    kth_best_model_path: str
+    kth_value: torch.Tensor = attrs.field(eq=False)
+
+    @classmethod
+    def of(cls, strategy: Strategy, best: Best, path_of) -> BestFiles:
+        """The files of ``strategy`` given its ``best``; ``path_of(name)`` is a name's path."""
+        kept = [] if best.value is None else [(path_of(strategy.filename), best.value)]
+        kept += [(path_of(member.name), member.value) for member in best.others]
+        full = bool(kept) and len(kept) >= strategy.top_k
+        worst = kept[-1] if full else ("", math.inf if strategy.mode == "min" else -math.inf)
+        return cls(
+            monitor=strategy.metric_name,
+            mode=strategy.mode,
+            save_top_k=_save_top_k(strategy),
+            best_model_path=kept[0][0] if kept else "",
+            best_model_score=torch.tensor(kept[0][1]) if kept else None,
+            best_k_models={path: torch.tensor(value) for path, value in kept},
+            kth_best_model_path=worst[0],
+            kth_value=torch.tensor(worst[1]),
+        )
+
+
+def _save_top_k(strategy: Strategy) -> int:
+    if strategy.top_k > 1:
+        return strategy.top_k
+    return -1 if not strategy.overwrite and strategy.keep is None else 1
+
+
+def _between(strategy: object) -> bool:
+    """Whether ``strategy`` may fall due between two validations: an ``Every`` counting
+    steps or seconds (an epoch period falls due only at an epoch's end)."""
+    return type(strategy) is Every and strategy.n_epochs is None
+
+
+def step_between_validations(
+    state: State, epoch: int, *, global_step: int, now: float | None = None
+) -> tuple[State, tuple]:
+    """``ckptfn.step`` for the ``Every(n_steps=...)`` and ``Every(seconds=...)`` strategies
+    alone (the decision after a training batch, with no metrics to judge); every other
+    strategy keeps its state. Pure.
+
+    >>> import ckptfn
+    >>> state = ckptfn.init([ckptfn.Strategy("val_loss"), ckptfn.Every(n_steps=20, filename="last.ckpt")])
+    >>> state, actions = step_between_validations(state, 0, global_step=20)
+    >>> [(type(a).__name__, a.filename, a.global_step) for a in actions], state.bests[0]
+    ([('Periodic', 'last.ckpt', 20)], Best(value=None, epoch=None))
+    """
+    config = state.config
+    picked = [index for index, strategy in enumerate(config.strategies) if _between(strategy)]
+    if not picked:
+        return state, ()
+    part = State(
+        Config([config.strategies[i] for i in picked], enabled=config.enabled),
+        [state.bests[i] for i in picked],
+        state.steps,
+    )
+    part, actions = step(part, {}, epoch, global_step=global_step, now=now)
+    bests = list(state.bests)
+    for index, best in zip(picked, part.bests):
+        bests[index] = best
+    return State(config, bests, part.steps), actions
 
 
 class Checkpointing(Checkpoint):
@@ -69,24 +176,46 @@ class Checkpointing(Checkpoint):
             (only better epochs replace them; ``None`` warns that it does); ``False`` starts
             from scratch, the explicit opt-in to replace them. A file at a watched name
             that cannot be judged is refused with a ``CheckpointError``.
+        save_weights_only: write only what ``trainer.save_checkpoint(path, weights_only=True)``
+            writes (the model's state dict, loops, epoch, global step, hyper-parameters),
+            plus ckptfn's metadata. Such files load with ``load_from_checkpoint`` and
+            ``ckptfn.load_checkpoint``; ``fit(ckpt_path=...)`` refuses them (no optimizer state).
+        on_saved: a callable (or a list of them) called on global rank 0 with a
+            ``ckptfn.kit.Saved`` event for every name of every committed write, as with
+            ``CheckpointManager(on_saved=...)``; the config's ``trackers`` are added.
 
     The decision is ``ckptfn.step`` on ``trainer.callback_metrics`` (as broadcast from
     global rank 0) at ``trainer.current_epoch``; nothing is decided during the sanity
-    check, outside ``fit`` or twice at one global step. The callback's state is the pure
-    ``State``: it goes into every Lightning checkpoint, so ``fit(ckpt_path=...)``
+    check, outside ``fit`` or twice at one global step. ``Every(n_steps=...)`` and
+    ``Every(seconds=...)`` are also decided after each training batch with no decision
+    right after it (``step_between_validations``), as ``ModelCheckpoint(every_n_train_steps=...)``
+    saves; ``Every(seconds=...)`` counts from the start of ``fit``. The callback's state is
+    the pure ``State``: it goes into every Lightning checkpoint, so ``fit(ckpt_path=...)``
     restores the bests (reconciled with the files in ``dirpath``, which win for metric
-    strategies, as with ``CheckpointManager(resume=True)``).
+    strategies, as with ``CheckpointManager(resume=True)``). ``fit(ckpt_path="last")``
+    resumes from the first ``Every``'s file, ``ckpt_path="best"`` loads the first metric
+    strategy's (``resolve_ckpt_path``).
+
+    After each committed write, global rank 0 calls ``logger.after_save_checkpoint`` of
+    every ``trainer.loggers``, as ``ModelCheckpoint`` does, so ``WandbLogger(log_model=...)``
+    and ``MLFlowLogger(log_model=...)`` upload the files of every strategy.
+
+    What ``ModelCheckpoint`` users read is here with the same meaning, for the first
+    metric strategy: ``monitor``, ``mode``, ``best_model_path``, ``best_model_score``,
+    ``best_k_models``, ``kth_best_model_path``, ``kth_value``, ``current_score``,
+    ``save_top_k``; ``last_model_path`` is the first ``Every``'s file. The same for every
+    metric strategy: ``bests_by_filename``.
 
     Pass it to ``lightning.pytorch.Trainer(callbacks=[...])``; constructing it writes nothing:
 
     >>> import ckptfn
     >>> callback = Checkpointing([ckptfn.Strategy("val_loss")], dirpath="checkpoints")
-    >>> callback.best_values, callback.best_model_path
-    ({'best_val_loss.pt': None}, '')
+    >>> callback.best_values, callback.best_model_path, callback.best_model_score
+    ({'best_val_loss.pt': None}, '', None)
     >>> saved = ckptfn.State(callback.config, [ckptfn.Best(0.25, 3)], steps=4).to_dict()
     >>> callback.load_state_dict(saved)  # what fit(ckpt_path=...) does
-    >>> callback.best_values, callback.best_model_path
-    ({'best_val_loss.pt': 0.25}, 'checkpoints/best_val_loss.pt')
+    >>> callback.best_values, callback.best_model_path, callback.best_model_score, callback.monitor
+    ({'best_val_loss.pt': 0.25}, 'checkpoints/best_val_loss.pt', tensor(0.2500), 'val_loss')
     """
 
     def __init__(
@@ -96,10 +225,14 @@ class Checkpointing(Checkpoint):
         *,
         save_on_train_epoch_end: bool | None = None,
         resume: bool | None = None,
+        save_weights_only: bool = False,
+        on_saved: object = None,
     ) -> None:
         super().__init__()
         if resume not in (None, True, False):
             raise TypeError(f"resume: expected None, True or False, got {resume!r}")
+        if not isinstance(save_weights_only, bool):
+            raise TypeError(f"save_weights_only: expected True or False, got {save_weights_only!r}")
         self._resume = resume
         self.config: Config = as_config(strategies)
         if dirpath is not None and "://" in os.fspath(dirpath):
@@ -109,13 +242,22 @@ class Checkpointing(Checkpoint):
         self._dirpath_given = None if dirpath is None else pathlib.Path(dirpath)
         self.dirpath: pathlib.Path | None = self._dirpath_given
         self.state: State = init(self.config)
+        #: Like ``ModelCheckpoint.save_weights_only``: files without optimizer and callback states.
+        self.save_weights_only = save_weights_only
+        self._hooks = hooks_of(on_saved) + trackers_of(self.config)
         self._save_on_train_epoch_end = save_on_train_epoch_end
         self._last_global_step_decided = 0  # like ModelCheckpoint: nothing to save before a step
+        self._last_global_step_between = 0  # the last decision after a training batch
+        self._between = any(_between(strategy) for strategy in self.config.strategies)
+        self._timed = any(type(s) is Every and s.seconds is not None for s in self.config.strategies)
         self._seen_skips: frozenset[tuple[str, str]] = frozenset()
         self._resumed = False
+        self._current_score: torch.Tensor | None = None
+        self._for_loggers = CheckpointingForLoggers(self)
         #: Set while rank 0 writes and the outcome is shared: if anything escapes in between
         #: (an interrupt ends ``fit``), the next ``fit`` takes the state from the files.
         self._in_doubt = False
+        _resolve_special_ckpt_paths()
 
     # --- Lightning hooks ------------------------------------------------------------------
 
@@ -135,7 +277,8 @@ class Checkpointing(Checkpoint):
         resume (no ``ckpt_path``, or ``ckpt_path="last"`` finding nothing) in a directory
         holding checkpoints of an earlier run judges against them by default, so a worse
         epoch never replaces a better file; ``resume=False`` starts from scratch instead.
-        After an interrupted fit, the state is the files'.
+        After an interrupted fit, the state is the files'. ``Every(seconds=...)`` counts
+        from here (rank 0's clock).
         """
         on_disk = self._files_state(trainer)
         starts_fresh = all(best.epoch is None for best in self.state.bests)
@@ -161,6 +304,8 @@ class Checkpointing(Checkpoint):
                 stacklevel=1,
             )
         self._in_doubt = False
+        if self._timed:
+            self.state = _clock_started(self.state, trainer.strategy.broadcast(time.monotonic(), src=0))
 
     def _files_state(self, trainer: pl.Trainer) -> State:
         """What the files in ``dirpath`` say, read on global rank 0; its refusal (a file it cannot
@@ -175,6 +320,23 @@ class Checkpointing(Checkpoint):
         if kind == "error":
             raise CheckpointError(value)
         return restore(self.config, value)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: object, batch: object, batch_idx: int
+    ) -> None:
+        """Decide the step and time periods (``step_between_validations``) when no decision
+        follows at this global step; a validation or epoch end that follows decides them."""
+        if not self._between or self._skips_between(trainer):
+            return
+        now = time.monotonic()
+        if self._timed:
+            now = trainer.strategy.broadcast(now, src=0)
+        old = self.state
+        new, actions = step_between_validations(old, trainer.current_epoch, global_step=trainer.global_step, now=now)
+        if not actions or self._decision_follows(trainer):
+            return
+        self._last_global_step_between = trainer.global_step
+        self._carry_out(trainer, old, new, actions, plain_metrics(trainer.callback_metrics))
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._decides_on_train_epoch_end(trainer):
@@ -197,6 +359,62 @@ class Checkpointing(Checkpoint):
         self.state = restore(self.config, state_dict)
         self._resumed = True
 
+    def resolve_ckpt_path(self, trainer: pl.Trainer, name: str, fn: str = "fit") -> str | None:
+        """The file that ``trainer.<fn>(ckpt_path=name)`` loads, for ``name`` ``"last"`` or ``"best"``.
+
+        ``"last"``: the first ``Every``'s file in ``dirpath`` (None, with a warning, when it
+        does not exist yet, so a first run starts from the beginning, as Lightning does for
+        ``ModelCheckpoint``); a ``ValueError`` when there is no ``Every`` strategy, since
+        nothing is ever saved as "last" then. ``"best"``: the first metric strategy's file;
+        a ``ValueError`` when it does not exist or there is no metric strategy.
+
+        Lightning calls this for ``ckpt_path="last"``/``"best"`` (the adapter wraps its
+        resolution); call it yourself to see what will be loaded:
+
+        >>> import ckptfn
+        >>> callback = Checkpointing([ckptfn.Strategy("val_loss")], dirpath="run")
+        >>> callback.resolve_ckpt_path(None, "last")
+        Traceback (most recent call last):
+        ...
+        ValueError: .fit(ckpt_path="last"): this Checkpointing has no ckptfn.Every strategy, so it never saves a last checkpoint to resume from. Add one (e.g. ckptfn.Every(1, filename="last.ckpt")), or pass the file to resume from: ckpt_path="run/best_val_loss.pt"
+        """
+        directory = self.dirpath if self.dirpath is not None else _default_dirpath(trainer)
+        if name == "last":
+            every = next((s for s in self.config.strategies if type(s) is Every), None)
+            if every is None:
+                some = next(iter(self.config.strategies), None)
+                example = os.fspath(directory / some.filename) if some is not None else "PATH"
+                raise ValueError(
+                    f'.{fn}(ckpt_path="last"): this Checkpointing has no ckptfn.Every strategy, so it never saves '
+                    'a last checkpoint to resume from. Add one (e.g. ckptfn.Every(1, filename="last.ckpt")), '
+                    f'or pass the file to resume from: ckpt_path="{example}"'
+                )
+            path = directory / every.filename
+            if path.is_file():
+                return os.fspath(path)
+            warnings.warn(
+                f'.{fn}(ckpt_path="last"): there is no last checkpoint at {path} yet, so {fn} starts from the '
+                f"beginning (expected on a first run; otherwise check dirpath, or pass ckpt_path=PATH)",
+                UserWarning,
+                stacklevel=user_stacklevel(skip=("lightning", "torch")),
+            )
+            return None
+        if name == "best":
+            strategy = next((s for s in self.config.strategies if type(s) is not Every), None)
+            if strategy is None:
+                raise ValueError(
+                    f'.{fn}(ckpt_path="best"): this Checkpointing has no metric strategy, so it has no best '
+                    f"checkpoint; pass the file to load: ckpt_path=PATH"
+                )
+            path = directory / strategy.filename
+            if path.is_file():
+                return os.fspath(path)
+            raise ValueError(
+                f'.{fn}(ckpt_path="best"): there is no best checkpoint at {path} yet; pass the file to load: '
+                "ckpt_path=PATH"
+            )
+        raise ValueError(f'ckpt_path={name!r}: Checkpointing resolves "last" and "best"')
+
     # --- what ModelCheckpoint users look for ------------------------------------------------
 
     @property
@@ -205,13 +423,51 @@ class Checkpointing(Checkpoint):
         return best_values(self.state)
 
     @property
+    def bests_by_filename(self) -> dict[str, BestFiles]:
+        """filename -> ``BestFiles`` of every metric strategy, in order: ``ModelCheckpoint``'s
+        attributes (``best_model_path``, ``best_model_score``, ``best_k_models``, ...) per strategy."""
+        return {
+            strategy.filename: BestFiles.of(strategy, best, self._path_of)
+            for strategy, best in zip(self.config.strategies, self.state.bests)
+            if type(strategy) is not Every
+        }
+
+    def _first_files(self) -> BestFiles | None:
+        for strategy, best in zip(self.config.strategies, self.state.bests):
+            if type(strategy) is not Every:
+                return BestFiles.of(strategy, best, self._path_of)
+        return None
+
+    @property
+    def monitor(self) -> str | None:
+        """The first metric strategy's metric name (None without one)."""
+        first = self._first_files()
+        return None if first is None else first.monitor
+
+    @property
+    def mode(self) -> str:
+        """The first metric strategy's mode ("min" without one, as ``ModelCheckpoint``)."""
+        first = self._first_files()
+        return "min" if first is None else first.mode
+
+    @property
+    def save_top_k(self) -> int:
+        """The first metric strategy's ``top_k``; -1 when it keeps every best (``overwrite=False``,
+        ``keep=None``); 1 without a metric strategy."""
+        first = self._first_files()
+        return 1 if first is None else first.save_top_k
+
+    @property
+    def save_last(self) -> bool | None:
+        """True when an ``Every`` strategy saves a last checkpoint, else None."""
+        return True if any(type(s) is Every for s in self.config.strategies) else None
+
+    @property
     def best_model_path(self) -> str:
         """The file of the first metric strategy, once it saved ("" before): what
         ``trainer.test(ckpt_path="best")`` loads."""
-        for strategy, best in zip(self.config.strategies, self.state.bests):
-            if not isinstance(strategy, Every):
-                return self._path_of(strategy.filename) if best.epoch is not None else ""
-        return ""
+        first = self._first_files()
+        return "" if first is None else first.best_model_path
 
     @best_model_path.setter
     def best_model_path(self, path: str) -> None:
@@ -221,6 +477,37 @@ class Checkpointing(Checkpoint):
             self.dirpath = pathlib.Path(path).parent
         if self.dirpath is not None:
             self.state = restore_from_directory(self.config, self.dirpath)
+
+    @property
+    def best_model_score(self) -> torch.Tensor | None:
+        """The first metric strategy's best value, a tensor (None before its first save)."""
+        first = self._first_files()
+        return None if first is None else first.best_model_score
+
+    @property
+    def best_k_models(self) -> dict[str, torch.Tensor]:
+        """The first metric strategy's files kept by value (path -> value): its best, and with
+        ``top_k`` > 1 the other members of its top k."""
+        first = self._first_files()
+        return {} if first is None else dict(first.best_k_models)
+
+    @property
+    def kth_best_model_path(self) -> str:
+        """The worst file of the first metric strategy's top k once it is full ("" before)."""
+        first = self._first_files()
+        return "" if first is None else first.kth_best_model_path
+
+    @property
+    def kth_value(self) -> torch.Tensor:
+        """The value of ``kth_best_model_path`` (+inf for "min", -inf for "max" before)."""
+        first = self._first_files()
+        return torch.tensor(math.inf) if first is None else first.kth_value
+
+    @property
+    def current_score(self) -> torch.Tensor | None:
+        """The first metric strategy's value at its latest save in this process (None before),
+        like ``ModelCheckpoint.current_score``."""
+        return self._current_score
 
     @property
     def last_model_path(self) -> str:
@@ -258,6 +545,24 @@ class Checkpointing(Checkpoint):
             or self._last_global_step_decided == trainer.global_step
         )
 
+    def _skips_between(self, trainer: pl.Trainer) -> bool:
+        return (
+            bool(trainer.fast_dev_run)
+            or trainer.state.fn != TrainerFn.FITTING
+            or trainer.global_step in (self._last_global_step_decided, self._last_global_step_between)
+        )
+
+    def _decision_follows(self, trainer: pl.Trainer) -> bool:
+        """Whether a full decision follows at this global step (so the one after this batch is
+        left to it: one write per global step): the epoch's end, or a validation."""
+        if self._decides_on_train_epoch_end(trainer):
+            ends = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch or trainer.should_stop
+            return bool(ends) or 0 <= trainer.max_steps <= trainer.global_step
+        follows = lightning_internals.validation_follows(trainer)
+        if lightning_internals.val_check_time_interval(trainer) is not None:
+            follows = trainer.strategy.broadcast(follows, src=0)  # each rank's clock says otherwise
+        return follows
+
     def _checkpoint(self, trainer: pl.Trainer) -> None:
         if self._skips(trainer):
             return
@@ -266,18 +571,22 @@ class Checkpointing(Checkpoint):
         metrics, now = trainer.strategy.broadcast((plain_metrics(trainer.callback_metrics), time.monotonic()), src=0)
         old = self.state
         new, actions = step(old, metrics, trainer.current_epoch, global_step=trainer.global_step, now=now)
-        saves, _ = partition(actions)
         self._seen_skips = report_skips(
             self._seen_skips, actions, stacklevel=user_stacklevel(skip=("lightning", "torch")), loud=trainer.is_global_zero
         )
+        self._carry_out(trainer, old, new, actions, metrics)
+
+    def _carry_out(self, trainer: pl.Trainer, old: State, new: State, actions: tuple, metrics: Mapping) -> None:
+        """Plan, the one write (on global rank 0), the commit rule; then the hooks and loggers."""
+        saves, _ = partition(actions)
         if not saves:
             self.state = new
             return
-        checkpoint = lightning_internals.dump_checkpoint(trainer)  # on every rank
+        checkpoint = lightning_internals.dump_checkpoint(trainer, weights_only=self.save_weights_only)  # every rank
         if isinstance(checkpoint.get("callbacks"), dict):
             checkpoint["callbacks"][self.state_key] = new.to_dict()  # the state after this save
         snapshot = plan(saves, state=new, metrics=metrics, extra={"layout": "flat"})
-        error, kept = None, new
+        error, kept, written = None, new, None
         self._in_doubt = True
         if trainer.is_global_zero:
             written = write(self.dirpath, snapshot, weights_only_checkpoint(checkpoint))
@@ -287,11 +596,78 @@ class Checkpointing(Checkpoint):
         report = trainer.strategy.broadcast(report, src=0)
         if report is None:
             self.state, self._in_doubt = new, False
+            self._current_score = _current_score(self.config, saves, self._current_score)
+            if written is not None:  # global rank 0
+                notify(self._hooks, saves, written.paths)
+                for logger in trainer.loggers:  # as ModelCheckpoint._save_checkpoint does
+                    logger.after_save_checkpoint(weakref.proxy(self._for_loggers))
             return
         self.state, self._in_doubt = restore(self.config, report[1]), False  # the same on every rank
         if error is not None:
             raise error
         raise CheckpointWriteError(f"global rank 0 could not write the checkpoint: {report[0]}")
+
+
+class CheckpointingForLoggers:
+    """What ``logger.after_save_checkpoint`` is given: the callback's attributes, except that
+    ``best_k_models`` holds every file of every strategy (path -> value, None for an
+    ``Every``'s), so that loggers with ``log_model`` upload them all. Holds the callback weakly,
+    as ``ModelCheckpoint`` hands loggers a ``weakref.proxy`` of itself."""
+
+    def __init__(self, callback: Checkpointing) -> None:
+        self._callback = weakref.proxy(callback)
+
+    @property
+    def best_k_models(self) -> dict[str, torch.Tensor | None]:
+        callback, files = self._callback, {}
+        for strategy, best in zip(callback.config.strategies, callback.state.bests):
+            if type(strategy) is Every:
+                if best.epoch is not None:
+                    files[callback._path_of(strategy.filename)] = None
+            else:
+                files.update(BestFiles.of(strategy, best, callback._path_of).best_k_models)
+        return files
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._callback, name)
+
+
+def _current_score(config: Config, saves: tuple, previous: torch.Tensor | None) -> torch.Tensor | None:
+    """The first metric strategy's value if this snapshot saved it (``Save`` or ``Enter``)."""
+    first = next((s for s in config.strategies if type(s) is not Every), None)
+    for action in saves:
+        if isinstance(action, Save | Enter) and first is not None and action.strategy == first:
+            return torch.tensor(action.value)
+    return previous
+
+
+def _clock_started(state: State, now: float) -> State:
+    """``state`` with each ``Every(seconds=...)`` that has no clock reading measured from ``now``."""
+    bests = [
+        attrs.evolve(best, time=now)
+        if type(strategy) is Every and strategy.seconds is not None and best.time is None
+        else best
+        for strategy, best in zip(state.config.strategies, state.bests)
+    ]
+    return State(state.config, bests, state.steps)
+
+
+_RESOLVES: list[bool] = []
+
+
+def _resolve_special_ckpt_paths() -> None:
+    """Have Lightning ask ``Checkpointing.resolve_ckpt_path`` for ``ckpt_path="last"``/``"best"``;
+    warn once when this Lightning version cannot be adapted."""
+    if _RESOLVES:
+        return
+    _RESOLVES.append(lightning_internals.resolve_special_ckpt_paths())
+    if not _RESOLVES[0]:
+        warnings.warn(
+            f"ckptfn cannot resolve fit(ckpt_path='last') for lightning {pl.__version__} (checked with 2.6.6): "
+            "pass ckpt_path=callback.resolve_ckpt_path(trainer, 'last') instead",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _explained(error: BaseException | None) -> BaseException | None:

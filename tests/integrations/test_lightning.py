@@ -256,7 +256,8 @@ def test_a_restart_that_finds_nothing_to_resume_never_destroys_the_better_best(t
     before = ckptfn.read_metadata(tmp_path / "best_loss.ckpt")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Lightning: no "last" checkpoint to resume from
-        trainer(1, [Checkpointing(STRATEGIES[:1], dirpath=tmp_path)]).fit(make_model(lr=0.0), train, val, ckpt_path="last")
+        restarted = Checkpointing([STRATEGIES[0], Every(1, filename="last.ckpt")], dirpath=tmp_path)  # no last.ckpt yet
+        trainer(1, [restarted]).fit(make_model(lr=0.0), train, val, ckpt_path="last")
     after = ckptfn.read_metadata(tmp_path / "best_loss.ckpt")
     assert after["saves"][0]["value"] == before["saves"][0]["value"] and after["epoch"] == before["epoch"]
 
