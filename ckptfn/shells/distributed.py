@@ -4,7 +4,9 @@ The decision-sharing choice: **rank 0 decides, everyone obeys.** Rank 0 runs the
 pure ``step`` on *its* metrics and broadcasts the outcome as plain data (see
 ``ckptfn.core.wire``); every other rank rebuilds the same ``State`` and actions
 from it, whatever its own local metrics were. One broadcast per ``update``,
-nothing else on the common path. If you want the decision to use a global
+nothing else on the common path (with ``save_on``, one ``all_reduce`` of the
+preemption flag before it: ``Ranks.agree``, so a signal delivered to one rank
+stops every rank at the same decision). If you want the decision to use a global
 metric (mean over ranks), reduce it before calling ``update`` (e.g. torchmetrics,
 or ``torch.distributed.all_reduce``): ckptfn does not guess how to combine them.
 
@@ -106,8 +108,27 @@ class Ranks:
 
         dist.barrier(group=self.group)
 
+    def agree(self, flag: bool) -> bool:
+        """Whether ``flag`` is true on any rank, on every rank: one ``all_reduce`` (MAX) of one
+        integer, on the device the group's backend reduces on (CPU for gloo, the current GPU for NCCL)."""
+        import torch.distributed as dist
+
+        box = torch.tensor([1 if flag else 0], dtype=torch.int32, device=_flag_device(self.group))
+        dist.all_reduce(box, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(box.item())
+
     def __repr__(self) -> str:
         return f"Ranks(rank={self.rank}, size={self.size})"
+
+
+def _flag_device(group: object) -> torch.device:
+    """CPU unless the group reduces only on GPUs (NCCL without a CPU backend)."""
+    import torch.distributed as dist
+
+    backend = str(dist.get_backend(group)).lower()
+    if "gloo" in backend or "cpu" in backend or "nccl" not in backend:
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 class _Solo:
@@ -127,6 +148,9 @@ class _Solo:
 
     def barrier(self) -> None:
         pass
+
+    def agree(self, flag: bool) -> bool:
+        return bool(flag)
 
     def __repr__(self) -> str:
         return "SOLO"
@@ -232,14 +256,21 @@ class Coordinator:
     def _is_sharded(self, payload: object) -> bool:
         return self.sharded if self.sharded is not None else contains_sharded(payload)
 
-    def _decide(self, state: State, metrics: Mapping, payload: object, position: Mapping):
-        """Rank 0 steps and shares ``(decision, sharded, temp name)``; every rank returns
-        ``(new_state, actions, sharded, temp name, snapshot)``, the snapshot on rank 0 only.
-        A failure on rank 0 (a bad metric, ...) is raised on every rank."""
+    def agree(self, flag: bool) -> bool:
+        """Whether ``flag`` (this rank's "a preemption signal came") is true on any rank, on
+        every rank: one collective, so that every rank stops at the same decision."""
+        self._check_once()
+        return self.ranks.agree(flag)
+
+    def _decide(self, state: State, metrics: Mapping, payload: object, position: Mapping, decide=step):
+        """Rank 0 decides (``decide(state, metrics, **position)``, ``step`` by default) and shares
+        ``(decision, sharded, temp name)``; every rank returns ``(new_state, actions, sharded,
+        temp name, snapshot)``, the snapshot on rank 0 only. A failure on rank 0 (a bad metric,
+        ...) is raised on every rank."""
         ranks = self.ranks
         if ranks.is_coordinator:
             try:
-                new_state, actions = step(state, metrics, **position)
+                new_state, actions = decide(state, metrics, **position)
                 saves, _ = partition(actions)
                 snapshot = plan(saves, state=new_state, metrics=metrics) if saves else None
                 sharded = bool(saves) and self._is_sharded(payload)
@@ -273,12 +304,14 @@ class Coordinator:
         return tuple(pathlib.Path(path) for path in result), state, None
 
     def update(
-        self, state: State, metrics: Mapping, payload: object, position: Mapping, *, barrier: bool
+        self, state: State, metrics: Mapping, payload: object, position: Mapping, *, barrier: bool, decide=step
     ) -> Coordinated:
         """``CheckpointManager.update`` across ranks: rank 0 decides for everyone (one broadcast).
-        ``position``: the keywords of ``step`` (``epoch``, ``global_step``, ``now``)."""
+        ``position``: the keywords of ``decide`` (of ``step``: ``epoch``, ``global_step``, ``now``,
+        ``preempted``); ``decide(state, metrics, **position)`` is the pure decision, ``step``
+        unless given (a preemption between decisions passes one that calls ``preempt``)."""
         self._check_once()
-        new_state, actions, sharded, temp, snapshot = self._decide(state, metrics, payload, position)
+        new_state, actions, sharded, temp, snapshot = self._decide(state, metrics, payload, position, decide)
         saves, _ = partition(actions)
         if not saves:
             return Coordinated(new_state, actions, ())

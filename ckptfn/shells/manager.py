@@ -11,12 +11,14 @@ exception (an interrupt included). In a distributed run the manager's
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pathlib
 import time
 from collections.abc import Mapping
 
+from ckptfn.core.actions import Periodic
 from ckptfn.core.commit import roll_back
 from ckptfn.core.config import Config, as_config
 from ckptfn.core.errors import CheckpointError, CheckpointNotFoundError
@@ -25,12 +27,13 @@ from ckptfn.core.metadata import build_metadata, entry_for
 from ckptfn.core.naming import timestamp_iso
 from ckptfn.core.snapshot import Snapshot, Target, partition
 from ckptfn.core.state import State, restore
-from ckptfn.core.step import best_values, init, step
+from ckptfn.core.step import best_values, init, preempt, step
 from ckptfn.core.summary import count_of, summary_lines
 from ckptfn.io.read import load_checkpoint, member_files, read_metadata, restore_from_directory
 from ckptfn.io.write import interrupts_deferred, serialization_context, versions, write
 from ckptfn.shells.background import AsyncExecutor, ClosesOnExit, raise_as_write_error
 from ckptfn.shells.distributed import SOLO, Coordinator, find_group
+from ckptfn.shells.preemption import Preemption, SignalWatch, check_main_thread, with_save_on
 from ckptfn.shells.recipe import hooks_of, notify, plan, report_skips, state_to_keep, trackers_of, utc_now
 
 __all__ = ["CheckpointManager"]
@@ -78,6 +81,14 @@ class CheckpointManager(ClosesOnExit):
             into ``<stem>.dcp/`` directories when the payload holds DTensors
             (FSDP2, tensor parallel), else a file written by rank 0; ``True``:
             always sharded directories; ``False``: never.
+        save_on: signals that announce a preemption (``("SIGTERM", "SIGUSR1")``: names or
+            numbers), added to the config's ``save_on``. Their handlers (installed from the main
+            thread, chained to the previous ones, put back by ``close``) only record the
+            signal; the next ``update`` or ``check_preemption`` writes every ``Every``
+            strategy's file at once, whatever its period and the metrics, and sets
+            ``preempted``: the loop should stop. The config must have an ``Every`` (``last.pt``).
+            Under a process group the ranks agree on the flag (one ``all_reduce`` per call),
+            so a signal to one rank stops all of them at the same step.
 
     >>> import tempfile, torch, ckptfn
     >>> strategies = [ckptfn.Strategy("val_loss"), ckptfn.Strategy("val_acc", mode="max")]
@@ -108,9 +119,15 @@ class CheckpointManager(ClosesOnExit):
         process_group: object = None,
         sharded: bool | None = None,
         on_saved: object = None,
+        save_on: object = None,
     ) -> None:
         self.output_dir = pathlib.Path(output_dir)
-        self.config: Config = as_config(checkpoint_configs)
+        self.config: Config = with_save_on(as_config(checkpoint_configs), save_on)
+        watching = self.config.active and bool(self.config.save_on)
+        if watching:
+            check_main_thread("save_on")  # before any collective: every rank fails alike or none
+        self._watch: SignalWatch | None = None
+        self._preempted: Preemption | None = None
         if sharded is True:
             self.config.check_sharded()  # a clash of sharded directory names is known now
         self._seen_skips: frozenset[tuple[str, str]] = frozenset()
@@ -129,7 +146,8 @@ class CheckpointManager(ClosesOnExit):
         ranks = find_group(process_group)  # None in a single process: nothing below changes
         self._coordinator = None if ranks is None else Coordinator(ranks, self.config, self.output_dir, sharded)
         if self._coordinator is not None:  # the same ConfigError on every rank if the ranks differ
-            self._coordinator.check_config(resume=resume is not False, async_save=async_save)
+            save_on = self.config.save_on if watching else ()  # decides the agreement collective
+            self._coordinator.check_config(resume=resume is not False, async_save=async_save, save_on=save_on)
         if resume is not False:
             if self._coordinator is not None:
                 self.state = self._coordinator.restore(verify=verify)
@@ -143,6 +161,8 @@ class CheckpointManager(ClosesOnExit):
         else:
             self.state = init(self.config)
             self._warn_about_existing_files()
+        if watching:
+            self._watch = SignalWatch(self.config.save_on)  # last: nothing above can fail with it installed
 
     # --- the training-loop call ------------------------------------------------------------
 
@@ -172,29 +192,104 @@ class CheckpointManager(ClosesOnExit):
         replicated payload is written by rank 0 alone; ``barrier=True`` makes the
         other ranks wait for that write (and raise if it failed). A sharded
         payload is written by all ranks together, always awaited.
+
+        With ``save_on``, once a signal came (to any rank) this update also writes every
+        ``Every`` strategy's file, whatever its period (one write with whatever improved),
+        waits for it on every rank (as ``barrier=True``), and sets ``preempted``: stop the loop.
         """
         if self._closed:
             raise RuntimeError(f"{self!r} is closed")
         position = {"epoch": epoch, "global_step": global_step, "now": time.monotonic()}
         coordinator = self._coordination()
+        preempted = self._preemption_requested(coordinator)
+        if preempted:
+            position["preempted"] = True
+        return self._decide_and_save(coordinator, step, metrics_dict, model_state_dict, position, barrier, preempted)
+
+    def check_preemption(
+        self, model_state_dict: object, epoch: int | None = None, *, global_step: int | None = None
+    ) -> bool:
+        """Between decisions: if a ``save_on`` signal came (on any rank), write every ``Every``
+        strategy's file now and return True (the loop should stop; ``preempted`` says more).
+
+        A cheap check to call every few optimizer steps, where ``update`` runs only at
+        validation: one flag read in a single process; under a process group one collective,
+        so every rank must call it at the same points. No metric is judged and the number of
+        decisions (the default ``epoch``) stays; ``global_step`` is recorded in the file.
+        Without ``save_on`` it returns False and does nothing.
+        """
+        if self._closed:
+            raise RuntimeError(f"{self!r} is closed")
+        if self._watch is None:
+            return False
+        coordinator = self._coordination()
+        if not self._preemption_requested(coordinator):
+            return False
+        position = {"epoch": epoch, "global_step": global_step, "now": time.monotonic()}
+        self._decide_and_save(coordinator, _between_decisions, None, model_state_dict, position, True, True)
+        return True
+
+    @property
+    def preempted(self) -> Preemption | None:
+        """None until a preemption save (``save_on``) is committed; then its ``Preemption``
+        record (signals, epoch, global step, paths), which is truthy: stop the loop."""
+        return self._preempted
+
+    def _preemption_requested(self, coordinator: Coordinator | None) -> bool:
+        """Whether to make the preemption save now: this process's flag alone (no collective),
+        or, under a process group, the flag of any rank (one collective)."""
+        if self._watch is None:
+            return False
+        return self._watch.requested_on(coordinator)
+
+    def _deferral(self):
+        """While a write and its commit run: chained signal handlers wait until they are done."""
+        return self._watch.deferred() if self._watch is not None else contextlib.nullcontext()
+
+    def _honour(self, actions, paths, *, loud: bool = True) -> None:
+        """A committed preemption save: record it, so the loop can stop (and say so, on rank 0)."""
+        periodic = next((action for action in actions if isinstance(action, Periodic)), None)
+        self._preempted = self._watch.honour(
+            epoch=None if periodic is None else periodic.epoch,
+            global_step=None if periodic is None else periodic.global_step,
+            paths=paths,
+        )
+        if loud:
+            logger.warning(
+                "preempted (%s): saved %s; stop the training loop",
+                ", ".join(self._preempted.signals) or "a signal to another rank",
+                ", ".join(path.name for path in self._preempted.paths),
+            )
+
+    def _decide_and_save(
+        self, coordinator, decide, metrics_dict, model_state_dict, position, barrier: bool, preempted: bool
+    ) -> list[pathlib.Path]:
+        """``update``'s recipe, for ``decide`` (``step``, or the preemption between decisions)."""
         if coordinator is not None:
             old = self.state
             self._in_doubt = True
-            result = coordinator.update(old, metrics_dict, model_state_dict, position, barrier=barrier)
-            self._state, self._in_doubt = result.state, False
-            self._seen_skips = report_skips(self._seen_skips, result.actions, loud=coordinator.is_coordinator)
+            with self._deferral():
+                result = coordinator.update(
+                    old, metrics_dict, model_state_dict, position, barrier=barrier or preempted, decide=decide
+                )
+                self._state, self._in_doubt = result.state, False
+            self._seen_skips = report_skips(
+                self._seen_skips, result.actions, stacklevel=3, loud=coordinator.is_coordinator
+            )
             if coordinator.is_coordinator and result.error is None:
                 notify(self._hooks, partition(result.actions)[0], result.paths)
             result.raise_error()
+            if preempted:
+                self._honour(result.actions, result.paths, loud=coordinator.is_coordinator)
             return list(result.paths)
         old = self.state
-        new, actions = step(old, metrics_dict, **position)
+        new, actions = decide(old, metrics_dict, **position)
         saves, _ = partition(actions)
         snapshot = plan(saves, state=new, metrics=metrics_dict) if saves else None
         if self._writer is not None:
             staged = self._writer.stage(model_state_dict) if saves else None  # PayloadError now
             self._settle(block=bool(saves))  # one save in flight: wait for the previous one
-        self._seen_skips = report_skips(self._seen_skips, actions)
+        self._seen_skips = report_skips(self._seen_skips, actions, stacklevel=3)
         if not saves:
             self.state = new
             return []
@@ -205,12 +300,19 @@ class CheckpointManager(ClosesOnExit):
                 paths = self._writer.start(job, [self.output_dir / name for name in snapshot.filenames])
                 self._in_flight, self._state, self._in_doubt = old, new, False
                 self._in_flight_saves = snapshot.saves
+            if preempted:  # the process is about to stop: on disk before update returns
+                with self._deferral():
+                    self._settle(block=True)
+                self._honour(actions, paths)
             return list(paths)
-        written = serialization_context(self.checksums).run(write, self.output_dir, snapshot, model_state_dict)
-        self._state = state_to_keep(self.config, self.output_dir, old, new, written)
-        self._in_doubt = False
+        with self._deferral():
+            written = serialization_context(self.checksums).run(write, self.output_dir, snapshot, model_state_dict)
+            self._state = state_to_keep(self.config, self.output_dir, old, new, written)
+            self._in_doubt = False
         written.raise_error()
         notify(self._hooks, snapshot.saves, written.paths)
+        if preempted:
+            self._honour(actions, written.paths)
         return list(written.paths)
 
     def _settle(self, *, block: bool) -> None:
@@ -267,15 +369,20 @@ class CheckpointManager(ClosesOnExit):
             self._settle(block=True)
 
     def close(self) -> None:
-        """``wait``, then stop the background writer and free its staging buffers. Idempotent."""
+        """``wait``, then stop the background writer and free its staging buffers, and put back the
+        signal handlers ``save_on`` replaced. Idempotent."""
         if self._closed:
             return
         self._closed = True
-        if self._writer is not None:
-            try:
-                self._settle(block=True)
-            finally:
-                self._writer.close()
+        try:
+            if self._writer is not None:
+                try:
+                    self._settle(block=True)
+                finally:
+                    self._writer.close()
+        finally:
+            if self._watch is not None:
+                self._watch.close()  # the previous signal handlers are back
 
     def _coordination(self) -> Coordinator | None:
         """The coordinator when saving involves other ranks or DCP, else None. Until a process
@@ -396,3 +503,8 @@ class CheckpointManager(ClosesOnExit):
                 self.output_dir,
                 "; ".join(found),
             )
+
+
+def _between_decisions(state: State, _metrics: None, **position: object):
+    """The decision of ``check_preemption``: ``preempt`` (no metrics to judge), shaped like ``step``."""
+    return preempt(state, **position)
