@@ -17,10 +17,13 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import os
+import pathlib
 from collections.abc import Iterator
 from typing import BinaryIO
 
-__all__ = ["BLOCK_SIZE", "ObjectStore", "RangeReader", "is_remote", "join", "local_path", "store_for"]
+__all__ = [
+    "BLOCK_SIZE", "ObjectStore", "RangeReader", "RemotePath", "is_remote", "join", "local_path", "location", "store_for",
+]
 
 #: Bytes fetched per range request when reading a remote checkpoint's metadata.
 BLOCK_SIZE = 1 << 16
@@ -58,6 +61,39 @@ def join(directory: str, name: str) -> str:
     ('s3://bucket/run1/best.pt', 's3://bucket/run1/best.pt')
     """
     return directory.rstrip("/") + "/" + name
+
+
+class RemotePath(str):
+    """A URL that joins and names like a ``pathlib.Path`` (``/``, ``name``, ``parent``), so code that
+    handles local paths handles remote ones; it is still the plain URL string.
+
+    >>> run = RemotePath("s3://bucket/run1")
+    >>> run / "best.pt", (run / "best.pt").name, (run / "best.pt").parent == run
+    ('s3://bucket/run1/best.pt', 'best.pt', True)
+    """
+
+    def __truediv__(self, name: object) -> RemotePath:
+        return RemotePath(join(self, str(name)))
+
+    @property
+    def name(self) -> str:
+        return self.rstrip("/").rsplit("/", 1)[-1]
+
+    @property
+    def parent(self) -> RemotePath:
+        return RemotePath(self.rstrip("/").rsplit("/", 1)[0])
+
+
+def location(value: str | os.PathLike) -> pathlib.Path | RemotePath:
+    """Where checkpoints go: a ``RemotePath`` for an fsspec URL, else a local ``pathlib.Path``
+    (``file://`` URLs included).
+
+    >>> location("s3://bucket/run1").name, location("file:///tmp/run1"), location("run1")
+    ('run1', PosixPath('/tmp/run1'), PosixPath('run1'))
+    """
+    if is_remote(value):
+        return RemotePath(value)
+    return pathlib.Path(local_path(value))
 
 
 class ObjectStore:

@@ -231,7 +231,7 @@ def _write_remote(
     url: str, snapshot: Snapshot, payload: object, *, tree: object, store: object, on_serialized: Callable | None
 ) -> Written:
     """``write`` into a remote directory (``ckptfn.io.remote``): the same contract, URLs as paths."""
-    from ckptfn.io.objectstore import ObjectStore, join
+    from ckptfn.io.objectstore import ObjectStore, RemotePath, join
     from ckptfn.io.remote import publish_remote
 
     if tree is not None:
@@ -257,8 +257,8 @@ def _write_remote(
             names = [t.filename for t in snapshot.targets if join(url, t.filename) in landed]
         else:
             names = [t.filename for t in snapshot.targets if t.filename in progress]
-        return Written(tuple(join(url, name) for name in names), Outcome.failure(snapshot.filenames, names), error)
-    return Written(urls, Outcome.success(snapshot.filenames))
+        return Written(tuple(RemotePath(join(url, n)) for n in names), Outcome.failure(snapshot.filenames, names), error)
+    return Written(tuple(map(RemotePath, urls)), Outcome.success(snapshot.filenames))
 
 
 def write(

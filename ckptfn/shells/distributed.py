@@ -50,6 +50,7 @@ from ckptfn.io import torch_internals
 from ckptfn.io.dcp import write_shards
 from ckptfn.io.fs import REAL
 from ckptfn.io.publish import sweep
+from ckptfn.io.objectstore import is_remote, location
 from ckptfn.io.read import restore_from_directory
 from ckptfn.io.write import write
 from ckptfn.shells.recipe import plan, state_to_keep
@@ -221,7 +222,7 @@ class Coordinator:
     def __init__(self, ranks: object, config: Config, directory: pathlib.Path, sharded: bool | None) -> None:
         self.ranks = ranks
         self.config = config
-        self.directory = pathlib.Path(directory)
+        self.directory = location(directory)
         self.sharded = sharded
         self._checked = False
         self._problem: str | None = None  # how the ranks' configurations differ, once checked
@@ -369,7 +370,8 @@ class Coordinator:
         self._check_once()
         if self.ranks.is_coordinator:
             try:
-                sweep(self.directory)
+                if not is_remote(self.directory):
+                    sweep(self.directory)
                 state = restore_from_directory(self.config, self.directory, verify=verify)
             except Exception as error:
                 self.ranks.share(failure_to_wire(error))

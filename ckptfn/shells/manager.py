@@ -29,6 +29,7 @@ from ckptfn.core.snapshot import Snapshot, Target, partition
 from ckptfn.core.state import State, restore
 from ckptfn.core.step import best_values, init, preempt, step
 from ckptfn.core.summary import count_of, summary_lines
+from ckptfn.io.objectstore import is_remote, location
 from ckptfn.io.read import load_checkpoint, member_files, read_metadata, restore_from_directory
 from ckptfn.io.write import interrupts_deferred, serialization_context, versions, write
 from ckptfn.shells.background import AsyncExecutor, ClosesOnExit, raise_as_write_error
@@ -45,7 +46,8 @@ class CheckpointManager(ClosesOnExit):
     """Keep the best checkpoint of every configured metric in ``output_dir``.
 
     Args:
-        output_dir: where checkpoint files go (created on first save).
+        output_dir: where checkpoint files go (created on first save): a local directory, or
+            an fsspec URL (``s3://bucket/run1``) for an object store (``ckptfn.io.remote``).
         checkpoint_configs: a ``Config``, a ``Strategy``, a list of ``Strategy``,
             or anything ``Config.from_mapping`` accepts (lists of dicts, Hydra
             ``DictConfig``/``ListConfig``, ``{"enabled": ..., "strategies": [...]}``).
@@ -121,7 +123,7 @@ class CheckpointManager(ClosesOnExit):
         on_saved: object = None,
         save_on: object = None,
     ) -> None:
-        self.output_dir = pathlib.Path(output_dir)
+        self.output_dir = location(output_dir)  # a pathlib.Path, or a RemotePath for an fsspec URL
         self.config: Config = with_save_on(as_config(checkpoint_configs), save_on)
         watching = self.config.active and bool(self.config.save_on)
         if watching:
@@ -416,8 +418,9 @@ class CheckpointManager(ClosesOnExit):
         top level of the file's metadata; its ``epoch`` and ``global_step`` become the
         file's, any other reserved key is a ``ValueError``.
         """
-        path = pathlib.Path(filepath)
-        directory = self.output_dir if path.parent == pathlib.Path() and not path.is_absolute() else path.parent
+        path = location(filepath)
+        bare = not is_remote(path) and path.parent == pathlib.Path() and not path.is_absolute()
+        directory = self.output_dir if bare else path.parent
         extra = dict(metadata or {})
         epoch = extra.pop("epoch", None)
         global_step = extra.pop("global_step", None)

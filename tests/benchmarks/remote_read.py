@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     facts = (
         f"ckptfn {ckptfn.__version__}, one checkpoint of {size / 2**20:,.0f} MiB in moto's S3 server on 127.0.0.1 "
         f"(s3fs {s3fs.__version__}), median of {args.repeat} paired runs; torch {torch.__version__}, "
-        f"Python {platform.python_version()}, {os.cpu_count()} CPUs; target: under 1 MiB fetched"
+        f"Python {platform.python_version()}, {os.cpu_count()} CPUs; target: under 1 MiB fetched. moto reads the "
+        "whole object for every range request, so its times grow with the object's size, unlike S3's"
     )
     command = "python tests/benchmarks/remote_read.py" + (f" --mb {args.mb}" if args.mb != 1024 else "") + " --write-readme"
     body = measured_note(command, facts) + "\n\n" + table
