@@ -32,7 +32,7 @@ import attrs
 import torch
 
 from ckptfn.core.config import Config
-from ckptfn.core.errors import ConfigError
+from ckptfn.core.errors import CheckpointWriteError, ConfigError
 from ckptfn.core.naming import dcp_name, temp_name
 from ckptfn.core.snapshot import Snapshot, partition
 from ckptfn.core.state import State
@@ -317,6 +317,11 @@ class Coordinator:
         if not saves:
             return Coordinated(new_state, actions, ())
         ranks = self.ranks
+        if sharded and is_remote(self.directory):  # refused before any shard is written anywhere
+            error = CheckpointWriteError(
+                f"{self.directory}: sharded (DCP) checkpoints need a local or shared file system path, not a URL"
+            )
+            return Coordinated(state, actions, (), error)
         if sharded:  # a failure here is raised on every rank alike, and nothing changed
             try:
                 write_shards(self.directory, temp, payload, group=ranks.group, coordinator=ranks.is_coordinator)

@@ -50,5 +50,6 @@ def test_execute_and_save_checkpoint_take_urls(s3_url, s3):
 
 def test_sharded_saves_to_a_bucket_are_refused_clearly(s3_url):
     manager = ckptfn.CheckpointManager(s3_url, ckptfn.Strategy("val_loss"), sharded=True)
-    with pytest.raises(ckptfn.CheckpointWriteError, match="sharded .DCP. checkpoints need a local or shared file system"):
+    with pytest.raises(ckptfn.CheckpointWriteError, match="sharded .DCP. checkpoints need a local or shared file system path, not a URL"):
         manager.update({"val_loss": 0.5}, {"w": torch.zeros(2)}, 0)
+    assert not any(p.name.startswith("s3:") for p in __import__("pathlib").Path.cwd().iterdir())  # nothing local
