@@ -32,18 +32,21 @@ from ckptfn.core.events import Saved, saved_events
 from ckptfn.core.retention import plan_prune
 from ckptfn.core.snapshot import Snapshot, Target, partition, plan_snapshot
 from ckptfn.core.state import resume_state
-from ckptfn.core.step import new_skips
+from ckptfn.core.step import new_skips, preempt, step_between_validations
 from ckptfn.io.fs import REAL, FileSystem
 from ckptfn.io.read import load_checkpoint, read_metadata, restore_from_directory
 from ckptfn.io.verify import Verdict, verify_checkpoint
 from ckptfn.io.write import Written, versions, write
+from ckptfn.shells.preemption import Preemption, SignalWatch
 from ckptfn.shells.recipe import hooks_of, notify, plan, report_skips, state_to_keep, user_stacklevel, utc_now
 
 __all__ = [
     "REAL",
     "FileSystem",
     "Outcome",
+    "Preemption",
     "Saved",
+    "SignalWatch",
     "Snapshot",
     "Target",
     "Verdict",
@@ -57,6 +60,7 @@ __all__ = [
     "plan",
     "plan_prune",
     "plan_snapshot",
+    "preempt",
     "read_metadata",
     "report_skips",
     "restore_from_directory",
@@ -64,6 +68,7 @@ __all__ = [
     "roll_back",
     "saved_events",
     "state_to_keep",
+    "step_between_validations",
     "user_stacklevel",
     "utc_now",
     "verify_checkpoint",

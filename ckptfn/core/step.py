@@ -22,7 +22,9 @@ from ckptfn.core.state import Best, Last, State
 from ckptfn.core.strategy import Strategy
 from ckptfn.core.topk import judge_top_k
 
-__all__ = ["Action", "best_values", "init", "new_skips", "preempt", "scan", "step"]
+__all__ = [
+    "Action", "best_values", "between_validations", "init", "new_skips", "preempt", "scan", "step", "step_between_validations",
+]
 
 Action = Save | Enter | Periodic | Skip
 
@@ -192,6 +194,40 @@ def preempt(
             actions.append(action)
         bests.append(best)
     return State(config, tuple(bests), state.steps), tuple(actions)
+
+
+def between_validations(strategy: object) -> bool:
+    """Whether ``strategy`` may fall due between two validations: an ``Every`` counting
+    steps or seconds (an epoch period falls due only at an epoch's end)."""
+    return type(strategy) is Every and strategy.n_epochs is None
+
+
+def step_between_validations(
+    state: State, epoch: int, *, global_step: int, now: float | None = None
+) -> tuple[State, tuple]:
+    """``ckptfn.step`` for the ``Every(n_steps=...)`` and ``Every(seconds=...)`` strategies
+    alone (the decision after a training batch, with no metrics to judge); every other
+    strategy keeps its state. Pure.
+
+    >>> state = init([Strategy("val_loss"), Every(n_steps=20, filename="last.ckpt")])
+    >>> state, actions = step_between_validations(state, 0, global_step=20)
+    >>> [(type(a).__name__, a.filename, a.global_step) for a in actions], state.bests[0]
+    ([('Periodic', 'last.ckpt', 20)], Best(value=None, epoch=None))
+    """
+    config = state.config
+    picked = [index for index, strategy in enumerate(config.strategies) if between_validations(strategy)]
+    if not picked:
+        return state, ()
+    part = State(
+        Config([config.strategies[i] for i in picked], enabled=config.enabled),
+        [state.bests[i] for i in picked],
+        state.steps,
+    )
+    part, actions = step(part, {}, epoch, global_step=global_step, now=now)
+    bests = list(state.bests)
+    for index, best in zip(picked, part.bests):
+        bests[index] = best
+    return State(config, bests, part.steps), actions
 
 
 def scan(

@@ -51,7 +51,8 @@ from ckptfn.core.snapshot import partition
 from ckptfn.core.state import Best, State, restore, resume_state
 from ckptfn.core.strategy import Strategy
 from ckptfn.core.summary import count_of
-from ckptfn.core.step import best_values, init, step
+from ckptfn.core.step import best_values, init, step, step_between_validations
+from ckptfn.core.step import between_validations as _between
 from ckptfn.integrations import lightning_internals
 from ckptfn.io.read import restore_from_directory
 from ckptfn.io.write import write
@@ -121,41 +122,6 @@ def _save_top_k(strategy: Strategy) -> int:
     if strategy.top_k > 1:
         return strategy.top_k
     return -1 if not strategy.overwrite and strategy.keep is None else 1
-
-
-def _between(strategy: object) -> bool:
-    """Whether ``strategy`` may fall due between two validations: an ``Every`` counting
-    steps or seconds (an epoch period falls due only at an epoch's end)."""
-    return type(strategy) is Every and strategy.n_epochs is None
-
-
-def step_between_validations(
-    state: State, epoch: int, *, global_step: int, now: float | None = None
-) -> tuple[State, tuple]:
-    """``ckptfn.step`` for the ``Every(n_steps=...)`` and ``Every(seconds=...)`` strategies
-    alone (the decision after a training batch, with no metrics to judge); every other
-    strategy keeps its state. Pure.
-
-    >>> import ckptfn
-    >>> state = ckptfn.init([ckptfn.Strategy("val_loss"), ckptfn.Every(n_steps=20, filename="last.ckpt")])
-    >>> state, actions = step_between_validations(state, 0, global_step=20)
-    >>> [(type(a).__name__, a.filename, a.global_step) for a in actions], state.bests[0]
-    ([('Periodic', 'last.ckpt', 20)], Best(value=None, epoch=None))
-    """
-    config = state.config
-    picked = [index for index, strategy in enumerate(config.strategies) if _between(strategy)]
-    if not picked:
-        return state, ()
-    part = State(
-        Config([config.strategies[i] for i in picked], enabled=config.enabled),
-        [state.bests[i] for i in picked],
-        state.steps,
-    )
-    part, actions = step(part, {}, epoch, global_step=global_step, now=now)
-    bests = list(state.bests)
-    for index, best in zip(picked, part.bests):
-        bests[index] = best
-    return State(config, bests, part.steps), actions
 
 
 class Checkpointing(Checkpoint):
