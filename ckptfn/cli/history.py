@@ -34,6 +34,7 @@ __all__ = [
     "MAX_EPOCH",
     "MAX_HISTORY_BYTES",
     "MAX_YAML_NODES",
+    "POSITION_KEYS",
     "HistoryError",
     "check_metric_values",
     "load_config_file",
@@ -113,8 +114,17 @@ def _too_deep(value: object, limit: int = MAX_DEPTH) -> bool:
 _INTEGER = re.compile(r"[+-]?[0-9]+")
 
 
-def _epoch(value: object, where: str) -> int | None:
-    """A row's epoch: a whole number >= 0 (``2.0`` is 2); None (JSON null, empty cell) when absent."""
+#: The keys of a history row that give its position, not a metric: whole numbers >= 0.
+POSITION_KEYS = ("epoch", "step", "global_step")
+_WHAT = {"epoch": "an epoch", "step": "a step", "global_step": "a step"}
+
+
+def _epoch(value: object, where: str, what: str = "an epoch") -> int | None:
+    """A row's epoch (or step): a whole number >= 0 (``2.0`` is 2); None (JSON null, empty cell) when absent.
+
+    >>> _epoch(2.0, "x"), _epoch(None, "x")
+    (2, None)
+    """
     if value is None:
         return None
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < MAX_EPOCH:
@@ -122,7 +132,7 @@ def _epoch(value: object, where: str) -> int | None:
     if isinstance(value, float) and math.isfinite(value) and value.is_integer() and 0 <= value < MAX_EPOCH:
         return int(value)
     if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= MAX_EPOCH:
-        raise HistoryError(f"{where}: {shown(value)} is too large for an epoch (at most 2**63 - 1)")
+        raise HistoryError(f"{where}: {shown(value)} is too large for {what} (at most 2**63 - 1)")
     kind = "a string " if isinstance(value, str) else ""
     raise HistoryError(f"{where}: {kind}{shown(value)} is not a whole number >= 0")
 
@@ -134,7 +144,7 @@ def _csv_number(text: str, where: str) -> float:
         raise HistoryError(f"{where}: {shown(text)} is not a number") from None
 
 
-def _csv_epoch(text: str, where: str) -> int:
+def _csv_epoch(text: str, where: str, what: str = "an epoch") -> int:
     if _INTEGER.fullmatch(text):
         if len(text) <= 30:
             value: object = int(text)
@@ -148,9 +158,9 @@ def _csv_epoch(text: str, where: str) -> int:
     if isinstance(value, str):
         raise HistoryError(f"{where}: {shown(text)} is not a whole number >= 0")
     if value >= MAX_EPOCH:  # an int or a float here
-        raise HistoryError(f"{where}: {shown(text)} is too large for an epoch (at most 2**63 - 1)")
+        raise HistoryError(f"{where}: {shown(text)} is too large for {what} (at most 2**63 - 1)")
     try:
-        return _epoch(value, where)
+        return _epoch(value, where, what)
     except HistoryError:
         raise HistoryError(f"{where}: {shown(text)} is not a whole number >= 0") from None
 
@@ -183,7 +193,7 @@ def _read_csv(path: pathlib.Path, text: str) -> list[tuple[int, dict]]:
                 if not cell:
                     continue
                 where = f"{path}: line {line}: column {name!r}"
-                values[name] = _csv_epoch(cell, where) if name == "epoch" else _csv_number(cell, where)
+                values[name] = _csv_epoch(cell, where, _WHAT[name]) if name in _WHAT else _csv_number(cell, where)
             rows.append((line, values))
     except csv.Error as error:
         raise HistoryError(f"{path}: line {reader.line_num}: not valid CSV ({error})") from None
@@ -215,18 +225,21 @@ def _read_jsonl(path: pathlib.Path, text: str) -> list[tuple[int, dict]]:
         if _too_deep(row):
             raise HistoryError(f"{path}: line {line_number}: nested more than {MAX_DEPTH} levels deep")
         row = _without_nulls(row)
-        if "epoch" in row:
-            row["epoch"] = _epoch(row["epoch"], f"{path}: line {line_number}: key 'epoch'")
+        for key in POSITION_KEYS:
+            if key in row:
+                row[key] = _epoch(row[key], f"{path}: line {line_number}: key {key!r}", _WHAT[key])
         rows.append((line_number, row))
     return rows
 
 
 def read_history(path: str | os.PathLike) -> list[tuple[int, dict]]:
-    """``(line number, metrics)`` per epoch of a metric history, CSV or JSON Lines by extension.
+    """``(line number, metrics)`` per row of a metric history, CSV or JSON Lines by extension.
 
-    CSV: a header of metric names, one row per epoch, empty cells missing. JSON Lines: one
-    metrics object per line, nested allowed, ``null`` missing. An ``epoch`` column or key, if
-    present, must hold whole numbers >= 0 (``2.0`` is 2) below ``MAX_EPOCH``.
+    CSV: a header of metric names, one row per logged line (an epoch, a validation, a
+    training step), empty cells missing. JSON Lines: one metrics object per line, nested
+    allowed, ``null`` missing. The position columns or keys (``POSITION_KEYS``: ``epoch``,
+    ``step``, ``global_step``), where present, must hold whole numbers >= 0 (``2.0`` is 2)
+    below ``MAX_EPOCH``.
     """
     path = pathlib.Path(path)
     suffix = path.suffix.lower()

@@ -1,4 +1,4 @@
-"""The ``ckptfn`` command line: ``demo``, ``inspect`` and ``replay``.
+"""The ``ckptfn`` command line: ``demo``, ``inspect``, ``verify`` and ``replay`` (and ``--version``).
 
 User mistakes (missing files, bad CSV, invalid configs) print one line to stderr
 and exit with status 2; nothing here writes outside the paths it is given. Each
@@ -16,9 +16,10 @@ import pathlib
 import sys
 from collections.abc import Mapping, Sequence
 
+from ckptfn.cli.export import add_export
 from ckptfn.cli.errors import UserError
 from ckptfn.cli.history import HistoryError
-from ckptfn.cli.inspect import cmd_inspect, files_to_inspect, format_table, inspect_row
+from ckptfn.cli.inspect import cmd_inspect, format_table, inspect_rows, list_checkpoints
 from ckptfn.cli.replay import cmd_replay
 from ckptfn.cli.verify import cmd_verify
 from ckptfn.core.errors import CheckpointError, ConfigError
@@ -71,7 +72,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         output = pathlib.Path("ckpt-demo") / f"run-{stamp}"
     else:
         output = pathlib.Path(args.output_dir)
-    print(f"ckptfn demo: training a tiny regression model for {args.epochs} epochs (seed {args.seed})")
+    epochs = f"{args.epochs} epoch" + ("" if args.epochs == 1 else "s")
+    print(f"ckptfn demo: training a tiny regression model for {epochs} (seed {args.seed})")
     print(f"checkpoints go to {output}/ with three strategies:")
     for entry in DEMO_CONFIG:
         policy = "keep every version" if entry.get("overwrite") is False else "overwrite"
@@ -95,7 +97,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for filename, value in bests.items():
         print(f"  {filename:<22} {value:.4f}")
     print(f"\n$ ckptfn inspect {output}")
-    print(format_table([inspect_row(path) for path in files_to_inspect([str(output)])]))
+    listing = list_checkpoints([str(output)])
+    print(format_table(inspect_rows(listing.paths), skipped=listing.skipped))
     return 0
 
 
@@ -114,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ckptfn",
         description="Best-checkpoint selection for PyTorch: demo, inspect checkpoints, replay a metric history.",
     )
+    from ckptfn._version import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = commands.add_parser("demo", help="train a tiny model with three strategies and show what was saved",
@@ -125,21 +131,28 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     demo.set_defaults(run=cmd_demo)
 
-    inspect = commands.add_parser("inspect", help="list checkpoints: epoch, strategies, values, timestamp, size",
-                                  description="One row per checkpoint file (directories are listed; archived "
-                                  "versions are marked). Reads metadata only, so large checkpoints list instantly.")
+    inspect = commands.add_parser("inspect", help="list checkpoints: epoch, step, strategies, values, timestamp, size",
+                                  description="One row per checkpoint name; the names of one snapshot (hard links) "
+                                  "together, its size once, the total at the end. A directory lists its .pt, .pth, "
+                                  ".ckpt files, .dcp trees and any file with ckptfn metadata (archived versions "
+                                  "marked), and counts the rest. Plain Lightning checkpoints show their epoch and "
+                                  "step. Reads metadata only, so large checkpoints list instantly.")
     inspect.add_argument("paths", nargs="+", metavar="PATH", help="checkpoint files or directories")
+    inspect.add_argument("--wide", action="store_true", help="also the other metrics each snapshot recorded")
     inspect.add_argument("--json", action="store_true", help="machine-readable output")
     inspect.set_defaults(run=cmd_inspect)
 
     replay_cmd = commands.add_parser("replay", help="dry-run a checkpoint config over a logged metric history",
-                                     description="Which epochs would have saved which file, and the final bests, "
-                                     "without any model. HISTORY is CSV (one row per epoch, metric-name columns, "
-                                     "empty cells = missing) or JSON Lines; CONFIG is YAML or JSON in the "
+                                     description="Which epochs (and steps) would have saved which file, and the "
+                                     "final bests, without any model. HISTORY is CSV (metric-name columns, empty "
+                                     "cells = missing, optional epoch and step or global_step columns; a Lightning "
+                                     "CSVLogger metrics.csv as it is) or JSON Lines; a row with no watched metric is "
+                                     "a training position, not a decision. CONFIG is YAML or JSON in the "
                                      "Config.from_mapping format.")
     replay_cmd.add_argument("history", metavar="HISTORY", help="metric history (.csv or .jsonl)")
     replay_cmd.add_argument("--config", required=True, metavar="CONFIG", help="checkpoint config (.yaml or .json)")
-    replay_cmd.add_argument("--plot", metavar="OUT.png", help="write a PNG: one panel per metric with save markers")
+    replay_cmd.add_argument("--plot", metavar="OUT.png", help="write a PNG: each watched metric, its best so far and the saves; "
+                            "the periodic saves on a timeline")
     replay_cmd.add_argument("--json", action="store_true", help="machine-readable output")
     replay_cmd.set_defaults(run=cmd_replay)
 
@@ -153,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="cheap checks only: zip directory and metadata, no data read")
     verify.add_argument("--json", action="store_true", help="machine-readable output")
     verify.set_defaults(run=cmd_verify)
+    add_export(commands)
     return parser
 
 

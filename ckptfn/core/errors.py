@@ -84,7 +84,7 @@ class MissingMetricError(LookupError):
     >>> ckptfn.step(state, {"val_loss": 0.5, "train_loss": 0.7}, epoch=0)
     Traceback (most recent call last):
     ...
-    ckptfn.MissingMetricError: metric 'val_los' (best_val_los.pt) is missing; the metrics are: train_loss, val_loss (did you mean 'val_loss'?). Fix the name, or pass on_missing='warn' if it appears only later
+    ckptfn.MissingMetricError: metric 'val_los' (best_val_los.pt) is missing; the metrics are: train_loss, val_loss (did you mean 'val_loss'?). Fix the name, or set on_missing='warn' (on the strategy or the config) if it appears only later
     """
 
     __module__ = "ckptfn"

@@ -62,7 +62,7 @@ def _judge(
             raise MissingMetricError(
                 f"metric {strategy.metric_name!r} ({strategy.filename}) is missing; "
                 f"{missing_hint(strategy.metric_name, metric_names(metrics))}. "
-                "Fix the name, or pass on_missing='warn' if it appears only later"
+                "Fix the name, or set on_missing='warn' (on the strategy or the config) if it appears only later"
             )
         return best, Skip(strategy, epoch, "missing", global_step=global_step, available=metric_names(metrics))
     value = raw if type(raw) is float else metric_value(strategy.metric_name, raw)  # fast path
@@ -227,7 +227,7 @@ def step_between_validations(
     bests = list(state.bests)
     for index, best in zip(picked, part.bests):
         bests[index] = best
-    return State(config, bests, part.steps), actions
+    return State(config, bests, state.steps), actions  # not a validation: the number of decisions stays
 
 
 def scan(

@@ -41,6 +41,11 @@ naming the file and the member; nothing is ever run.
 nothing foreign, else None, and the caller reads the (vetted) file with torch's own
 ``weights_only`` loader. That makes ``ckptfn inspect`` and ``read_metadata``
 independent of torch's import time (seconds) and of the checkpoint's size.
+
+``peek_file`` says what a file is from the same scan: a ckptfn checkpoint (and its
+metadata), a plain Lightning checkpoint (``lightning_position``: its epoch, global
+step and ``ModelCheckpoint`` record), or another ``torch.save`` file, so ``ckptfn
+inspect`` can describe files that are not ckptfn's without torch.
 """
 
 from __future__ import annotations
@@ -57,7 +62,17 @@ from ckptfn.io.archive import Damaged, check_archive, read_at
 from ckptfn.io.fs import open_regular
 from ckptfn.io.placeholders import ALLOWED_GLOBALS, PLAIN, TORCH, Foreign, Refused, Storage, StorageType, is_int
 
-__all__ = ["ALLOWED_GLOBALS", "Scanned", "checked_metadata", "metadata_of", "peek_metadata", "scan"]
+__all__ = [
+    "ALLOWED_GLOBALS",
+    "Peek",
+    "Scanned",
+    "checked_metadata",
+    "lightning_position",
+    "metadata_of",
+    "peek_file",
+    "peek_metadata",
+    "scan",
+]
 
 
 
@@ -210,13 +225,8 @@ def metadata_of(scanned: Scanned, where: str) -> dict | None:
     return parts[1]
 
 
-def peek_metadata(path: str | os.PathLike) -> dict | None:
-    """The metadata of the checkpoint file at ``path``, or None when torch's loader must judge it.
-
-    ``check_archive``, then ``scan`` and ``metadata_of``: a ``CheckpointError`` for a
-    damaged archive or a refused pickle. ``ckptfn.read_metadata`` is the function to
-    call; this one is the torch-free step inside it.
-    """
+def _scan_file(path: str | os.PathLike) -> tuple[Scanned, str]:
+    """``check_archive`` and ``scan`` of the file at ``path``: the scan and where its ``data.pkl`` is."""
     try:
         with open_regular(path) as file:
             archive = check_archive(file, os.fstat(file.fileno()).st_size)
@@ -229,4 +239,109 @@ def peek_metadata(path: str | os.PathLike) -> dict | None:
     except OSError as error:
         raise CheckpointError(f"{path}: cannot be read ({type(error).__name__}: {error})") from None
     where = f"{path}: {member}"
-    return metadata_of(scan(data, where, archive.records()), where)
+    return scan(data, where, archive.records()), where
+
+
+def peek_metadata(path: str | os.PathLike) -> dict | None:
+    """The metadata of the checkpoint file at ``path``, or None when torch's loader must judge it.
+
+    ``check_archive``, then ``scan`` and ``metadata_of``: a ``CheckpointError`` for a
+    damaged archive or a refused pickle. ``ckptfn.read_metadata`` is the function to
+    call; this one is the torch-free step inside it.
+    """
+    scanned, where = _scan_file(path)
+    return metadata_of(scanned, where)
+
+
+@dataclasses.dataclass(frozen=True)
+class Peek:
+    """What a checkpoint file's ``data.pkl`` says, read without torch (``peek_file``).
+
+    ``ckptfn``: it holds a ckptfn metadata record (of any format version); ``metadata``:
+    that record when it is plain, bounded and of this version (None: torch's loader must
+    judge the file); ``lightning``: a plain Lightning checkpoint's ``lightning_position``
+    (None otherwise); ``foreign``: the globals it names that this reader does not know.
+    With any ``foreign``, torch's ``weights_only`` loader refuses the file unless they are
+    allowed (``torch.serialization.add_safe_globals``), so ``read_metadata`` and
+    ``load_checkpoint`` leave it to torch, even when ``metadata`` is plain.
+    """
+
+    ckptfn: bool
+    metadata: dict | None
+    lightning: dict | None
+    foreign: tuple[str, ...]
+
+
+def _count(value: object) -> int | None:
+    return value if is_int(value) and 0 <= value < 2**63 else None
+
+
+def _base_name(path: object) -> str | None:
+    return path.replace("\\", "/").rsplit("/", 1)[-1] if type(path) is str else None
+
+
+def lightning_position(loaded: object, name: str | None = None) -> dict | None:
+    """What a plain Lightning checkpoint (a ``trainer.save_checkpoint`` file, as
+    ``ModelCheckpoint`` writes) records of itself; None when ``loaded`` is not one.
+
+    ``epoch`` and ``global_step`` (None where not a count), ``version`` (Lightning's),
+    and for each ``ModelCheckpoint`` whose state it holds: the metric it monitors and
+    whether the file was, when it was saved, that callback's ``best``, one of its
+    ``top-k`` or its ``last`` (``name`` is the file's name, compared with the paths the
+    callback recorded).
+
+    >>> ckpt = {"epoch": 2, "global_step": 50, "pytorch-lightning_version": "2.6.6", "state_dict": {},
+    ...         "callbacks": {"ModelCheckpoint{'monitor': 'val_loss'}": {
+    ...             "monitor": "val_loss", "best_model_path": "/runs/ckpt/epoch=2-step=50.ckpt",
+    ...             "best_k_models": {"/runs/ckpt/epoch=2-step=50.ckpt": None}, "last_model_path": ""}}}
+    >>> lightning_position(ckpt, "epoch=2-step=50.ckpt")
+    {'epoch': 2, 'global_step': 50, 'version': '2.6.6', 'checkpoints': [{'monitor': 'val_loss', 'role': 'best'}]}
+    >>> lightning_position({"epoch": 2, "state_dict": {}}) is None
+    True
+    """
+    if type(loaded) is not dict or type(loaded.get("pytorch-lightning_version")) is not str:
+        return None
+    if isinstance(loaded.get("metadata"), Mapping):  # ckptfn's own Lightning files say more
+        return None
+    found = {"epoch": _count(loaded.get("epoch")), "global_step": _count(loaded.get("global_step")),
+             "version": loaded["pytorch-lightning_version"], "checkpoints": []}
+    callbacks = loaded.get("callbacks")
+    if type(callbacks) is dict:
+        for key, state in callbacks.items():
+            if type(key) is not str or not key.startswith("ModelCheckpoint") or type(state) is not dict:
+                continue
+            monitor = state.get("monitor") if type(state.get("monitor")) is str else None
+            best_k = state.get("best_k_models")
+            members = {_base_name(path) for path in best_k} if type(best_k) is dict else set()
+            role = None
+            if name is not None and _base_name(state.get("best_model_path")) == name:
+                role = "best"
+            elif name is not None and name in members:
+                role = "top-k"
+            elif name is not None and _base_name(state.get("last_model_path")) == name:
+                role = "last"
+            found["checkpoints"].append({"monitor": monitor, "role": role})
+            if len(found["checkpoints"]) >= 8:
+                break
+    return found
+
+
+def peek_file(path: str | os.PathLike) -> Peek:
+    """What the checkpoint file at ``path`` is, from its vetted ``data.pkl`` alone: a ckptfn
+    checkpoint, a plain Lightning checkpoint, or another ``torch.save`` file (``Peek``).
+
+    The same checks and bounds as ``peek_metadata`` (a ``CheckpointError`` for a damaged
+    archive or a refused pickle); nothing is run, torch is not imported.
+    """
+    scanned, where = _scan_file(path)
+    loaded = scanned.loaded
+    record = loaded.get("metadata") if type(loaded) is dict else None
+    ckptfn = isinstance(record, Mapping) and isinstance(record.get("format"), str) and record["format"].startswith("ckptfn/")
+    metadata = None
+    if ckptfn:
+        parts = decompose(loaded)
+        if parts is not None:
+            checked_metadata(parts[1], where)
+            metadata = parts[1] if _is_plain(parts[1], set()) else None
+    lightning = None if ckptfn else lightning_position(loaded, os.path.basename(os.fspath(path)))
+    return Peek(ckptfn, metadata, lightning, tuple(scanned.foreign))

@@ -20,6 +20,7 @@ from ckptfn.cli.replay import plot_replay, replay
 from ckptfn.cli.history import load_config_file, load_history
 from ckptfn.core.metrics import MISSING
 
+from tests.cli.tables import footer, table_rows
 from tests.strategies import configs, logical_histories
 
 matplotlib.use("Agg")
@@ -111,21 +112,27 @@ def checkpoint_dir(tmp_path):
 def test_inspect_table_marks_archives_and_explains_broken_files(checkpoint_dir, capsys):
     code, out, _ = run(capsys, "inspect", str(checkpoint_dir))
     assert code == 0
-    rows = out.splitlines()[2:]
-    assert len(rows) == 5  # best_corr + 2 archived + best_loss + notes.txt
+    rows = table_rows(out)
+    assert len(rows) == 4  # best_corr + 2 archived + best_loss; notes.txt is not a checkpoint
     assert sum("[archived]" in row for row in rows) == 2
-    (notes,) = [row for row in rows if row.startswith("notes.txt")]
-    assert "unreadable: not a ckptfn checkpoint" in notes
-    (loss_row,) = [row for row in rows if row.startswith("best_loss.pt")]
-    assert "val_loss=0.5" in loss_row and " 1 " in loss_row
+    (index,) = [i for i, row in enumerate(rows) if row.startswith("best_loss.pt")]
+    assert rows[index].split()[:4] == ["best_loss.pt", "1", "-", "val_loss=0.5"]  # no step recorded: "-"
+    # the epoch-1 snapshot is also best_corr.pt's archived version: one file, two names, listed together
+    assert rows[index + 1].startswith("= best_corr_") and rows[index + 1].split()[2:] == ["[archived]", "val_corr=0.3"]
+    assert footer(out).endswith("; 1 other entry skipped (not checkpoints)")
+    code, out, _ = run(capsys, "inspect", str(checkpoint_dir / "notes.txt"))  # named: always a row
+    (notes,) = table_rows(out)
+    assert notes.startswith("notes.txt") and "unreadable: not a ckptfn checkpoint" in notes
 
 
 def test_inspect_json(checkpoint_dir, capsys):
     code, out, _ = run(capsys, "inspect", "--json", str(checkpoint_dir / "best_corr.pt"), str(checkpoint_dir / "notes.txt"))
     rows = json.loads(out)
     assert code == 0 and [r["file"] for r in rows] == ["best_corr.pt", "notes.txt"]
-    assert rows[0]["epoch"] == 2 and rows[0]["saves"] == [
-        {"metric_name": "val_corr", "mode": "max", "filename": "best_corr.pt", "value": 0.4, "previous": 0.3}]
+    assert rows[0]["epoch"] == 2 and rows[0]["global_step"] is None and rows[0]["saves"] == [
+        {"metric_name": "val_corr", "mode": "max", "filename": "best_corr.pt", "value": 0.4, "previous": 0.3,
+         "epoch": 2, "global_step": None}]
+    assert rows[0]["metrics"] == {"val_loss": 0.7, "val_corr": 0.4} and rows[0]["kind"] == "ckptfn"
     assert rows[0]["archived"] is False and rows[0]["size"] > 0 and rows[0]["error"] is None
     assert rows[1]["error"].startswith("not a ckptfn checkpoint")
 
@@ -167,11 +174,12 @@ def test_replay_plot_has_one_panel_per_metric_and_markers_at_saves(history_csv, 
     assert code == 0 and out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     config = ckptfn.Config.from_mapping(load_config_file(config_yaml))
     history = load_history(history_csv)
-    _, per_row = replay(history, config)
-    figure = plot_replay(history, per_row, config)
+    figure = plot_replay(replay(history, config), config)
     assert len(figure.axes) == 3
     saves_per_panel = [sum(len(c.get_offsets()) for c in axis.collections) for axis in figure.axes]
     assert saves_per_panel == [2, 2, 2]
+    curve = figure.axes[0].lines[0]  # val_loss over the rows that have a finite value
+    assert list(curve.get_xdata()) == [0, 1, 2] and list(curve.get_ydata()) == [1.0, 0.8, 0.9]
 
 
 @pytest.mark.parametrize(
@@ -237,17 +245,22 @@ def test_replay_agrees_with_scan(tmp_path, capsys, config, data, fmt):
     history_path = tmp_path / f"history.{fmt}"
     config_path = tmp_path / "config.json"
     write_history(logical, history_path, fmt)
-    config_path.write_text(json.dumps([
+    config_path.write_text(json.dumps({"on_missing": config.on_missing, "strategies": [
         {"metric_name": s.metric_name, "mode": s.mode, "filename": s.filename, "min_delta": s.min_delta}
-        for s in config.strategies]))
+        for s in config.strategies]}))
     code, out, err = run(capsys, "replay", str(history_path), "--config", str(config_path), "--json")
     if not set(names) <= present:
         assert code == 2 and "never appears" in err
         return
     assert code == 0, err
-    _, per_step = ckptfn.scan(ckptfn.init(config), [{k: v for k, v in e.items() if v is not MISSING} for e in logical])
+    # the reference: scan over the decisions (the rows with a watched metric), each at its row's index
+    rows = [{k: v for k, v in e.items() if v is not MISSING} for e in logical]
+    decisions = [(index, row) for index, row in enumerate(rows) if row]
+    _, per_step = ckptfn.scan(ckptfn.init(config), [row for _, row in decisions], [index for index, _ in decisions])
     expected = [(a.epoch, a.filename, a.value) for actions in per_step for a in actions if isinstance(a, ckptfn.Save)]
-    assert [(s["epoch"], s["filename"], s["value"]) for s in json.loads(out)["saves"]] == expected
+    result = json.loads(out)
+    assert [(s["epoch"], s["filename"], s["value"]) for s in result["saves"]] == expected
+    assert result["rows"] == len(rows) and result["decisions"] == len(decisions)
 
 
 # --- the installed entry points --------------------------------------------------------
@@ -294,7 +307,7 @@ def test_replay_and_inspect_with_a_periodic_save(tmp_path, history_csv, capsys):
     assert code == 0, err
     result = json.loads(out)
     assert [(s["epoch"], s["filename"]) for s in result["saves"] if s["filename"] == "last.pt"] == [(1, "last.pt"), (3, "last.pt")]
-    assert result["bests"]["last.pt"] == {"every_n_epochs": 2, "epoch": 3}
+    assert result["bests"]["last.pt"] == {"every_n_epochs": 2, "epoch": 3, "global_step": None}
     code, out, _ = run(capsys, "replay", str(history_csv), "--config", str(config))
     assert "epoch    3: last.pt                  every 2 epochs" in out and "last saved at epoch 3" in out
 

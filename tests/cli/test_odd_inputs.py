@@ -23,6 +23,8 @@ from hypothesis import strategies as st
 from ckptfn.cli.errors import printable
 from ckptfn.cli.main import main
 
+from tests.cli.tables import footer, table_rows
+
 CONFIG = "strategies:\n  - metric_name: val_loss\n"
 GOOD_CSV = "epoch,val_loss\n0,1.0\n1,0.5\n"
 
@@ -254,7 +256,7 @@ def test_odd_metadata_gets_a_row_showing_what_is_readable(tmp_path, capsys, name
     torch.save({"state_dict": {}, "metadata": meta}, tmp_path / "odd.pt")
     code, out, err = run(capsys, "inspect", tmp_path / "odd.pt")
     assert code == 0 and err == ""
-    (row,) = out.splitlines()[2:]
+    (row,) = table_rows(out)
     assert row.startswith("odd.pt") and f"(odd metadata: {note})" in row
     code, out, err = run(capsys, "inspect", "--json", tmp_path / "odd.pt")
     (row,) = json.loads(out, parse_constant=lambda name: pytest.fail(f"{name} in --json output"))
@@ -270,7 +272,7 @@ def test_inspect_keeps_what_is_readable_beside_odd_fields(tmp_path, capsys):
                              "previous": None}]
     code, out, _ = run(capsys, "inspect", tmp_path / "odd.pt")
     header, _, row = out.splitlines()
-    assert row.split()[:3] == ["odd.pt", "?", "val_loss=0.5"]
+    assert row.split()[:4] == ["odd.pt", "?", "-", "val_loss=0.5"]  # epoch odd, no step recorded
 
 
 def test_inspect_escapes_control_characters_from_files(tmp_path, capsys):
@@ -283,7 +285,8 @@ def test_inspect_escapes_control_characters_from_files(tmp_path, capsys):
     assert code == 0 and err == ""
     assert all(char == "\n" or char.isprintable() for char in out)
     assert printable(f"evil{ansi}.pt") in out and printable(ansi) + "=0.5" in out and "latin1_\\udce9.pt" in out
-    assert len(out.splitlines()) == 4  # header, rule, two rows: the newline in the name stays escaped
+    assert len(table_rows(out)) == 2  # the newline in the name stays escaped
+    assert footer(out) == "2 names, 2 snapshots, " + footer(out).split(", ")[2]
     code, out, _ = run(capsys, "inspect", "--json", tmp_path)
     assert {row["file"] for row in json.loads(out)} == {f"evil{ansi}.pt", "latin1_\udce9.pt"}
 
@@ -294,12 +297,13 @@ def test_inspect_rows_for_fifos_and_symlink_loops(tmp_path, capsys):
     os.symlink("a.pt", tmp_path / "b.pt")
     torch.save({"state_dict": {}, "metadata": metadata()}, tmp_path / "good.pt")
     code, out, _ = run(capsys, "inspect", tmp_path / "fifo.pt", tmp_path / "a.pt")
-    rows = {line.split()[0]: line for line in out.splitlines()[2:]}
+    rows = {line.split()[0]: line for line in table_rows(out)}
     assert code == 0 and sorted(rows) == ["a.pt", "fifo.pt"]
     assert "unreadable: not a regular file" in rows["fifo.pt"]
     assert "unreadable: cannot be read (Too many levels of symbolic links)" in rows["a.pt"]
     code, out, _ = run(capsys, "inspect", tmp_path)  # a loop in a directory hides nothing else
-    assert code == 0 and [line.split()[0] for line in out.splitlines()[2:]] == ["good.pt"]
+    assert code == 0 and [line.split()[0] for line in table_rows(out)] == ["good.pt"]
+    assert footer(out).endswith("; 3 other entries skipped (not checkpoints)")  # the FIFO and the two links
 
 
 def test_inspect_bounds_a_huge_saves_list(tmp_path, capsys):
