@@ -22,7 +22,7 @@ from collections.abc import Iterable
 
 from ckptfn.core.naming import archived_of, member_of, split_suffix, stamp_moment
 
-__all__ = ["archive_moment", "archived_versions", "plan_member_prune", "plan_prune", "version_order"]
+__all__ = ["archive_moment", "archived_versions", "plan_member_prune", "plan_prune", "plan_removals", "version_order"]
 
 _TICK = dt.timedelta(microseconds=1)
 
@@ -81,6 +81,29 @@ def plan_member_prune(filename: str, kept: Iterable[str], names: Iterable[str]) 
     """
     stays = frozenset(kept)
     return tuple(sorted(name for name in set(names) if member_of(name, filename) and name not in stays))
+
+
+def plan_removals(
+    kept_versions: Iterable[tuple[str, int | None]],
+    families: Iterable[tuple[str, Iterable[str]]],
+    removes: Iterable[str],
+    names: Iterable[str],
+) -> list[tuple[str, str]]:
+    """``(name, why)`` of everything to delete among ``names`` once a snapshot is committed: the
+    archived versions beyond each ``(filename, keep)``, the members of each top-k ``(filename,
+    kept members)`` family that are not kept, and the listed ``removes`` (members that left).
+
+    >>> names = ["a.pt", "a_20260101T000000000000Z.pt", "a_20260102T000000000000Z.pt", "b.pt", "b-epoch=1.pt", "b-epoch=2.pt"]
+    >>> plan_removals([("a.pt", 2)], [("b.pt", ["b-epoch=2.pt"])], ["b-epoch=1.pt"], names)
+    [('a_20260101T000000000000Z.pt', 'a.pt keeps 2 versions'), ('b-epoch=1.pt', 'it left the top k of b.pt')]
+    """
+    names = list(names)
+    doomed = [(n, f"{f} keeps {keep} versions") for f, keep in kept_versions for n in plan_prune(f, keep, names)]
+    for filename, kept in families:
+        doomed += [(n, f"it left the top k of {filename}") for n in plan_member_prune(filename, kept, names)]
+    listed, chosen = set(names), {n for n, _ in doomed}
+    doomed += [(n, "it left the top k") for n in removes if n in listed and n not in chosen]
+    return doomed
 
 
 def archive_moment(filename: str, saved_at: dt.datetime, names: Iterable[str]) -> dt.datetime:

@@ -45,7 +45,7 @@ from collections.abc import Callable, Sequence
 
 from ckptfn.core.errors import CheckpointError, CheckpointWriteError
 from ckptfn.core.naming import archive_name, dcp_name, host_tag, member_of, parse_temp_name, temp_name
-from ckptfn.core.retention import archive_moment, plan_member_prune, plan_prune
+from ckptfn.core.retention import archive_moment, plan_removals
 from ckptfn.core.snapshot import Target
 from ckptfn.io.fs import EXCHANGE_UNSUPPORTED, LINKS_UNSUPPORTED, REAL, FileSystem
 
@@ -402,41 +402,27 @@ def publish(
     except BaseException:
         publisher.undo()
         raise
-    if on_published is not None:
-        try:
-            on_published()
-        except Exception as error:  # noqa: BLE001 - the snapshot is committed: a report never undoes that
-            logger.warning("could not report the save of %s: %s: %s", described, type(error).__name__, error)
+    report_published(on_published, described)
     prune(directory, targets, kind, fs=fs, removes=removes, families=families)  # only now: committed
     return paths
 
 
-def _doomed(
-    targets: Sequence[Target], kind: EntryKind, names: Sequence[str],
-    removes: Sequence[str], families: Sequence[tuple[str, Sequence[str]]],
-) -> list[tuple[str, str]]:
-    """``(name, why)`` of every entry ``prune`` deletes, in order."""
-    doomed = []
-    for target in targets:
-        final = kind.final_name(target.filename)
-        doomed += [(name, f"{final} keeps {target.keep} versions") for name in plan_prune(final, target.keep, names)]
-    for filename, kept in families:
-        family = kind.final_name(filename)
-        stays = [kind.final_name(name) for name in kept]
-        doomed += [(name, f"it left the top k of {family}") for name in plan_member_prune(family, stays, names)]
-    listed, chosen = set(names), {name for name, _ in doomed}
-    for name in removes:  # left the top k (when no family says so already)
-        final = kind.final_name(name)
-        if final in listed and final not in chosen:
-            doomed.append((final, "it left the top-k"))
-    return doomed
+def report_published(on_published: Callable[[], object] | None, described: str) -> None:
+    """Call ``on_published`` (the shell's "saved" lines); the snapshot is committed, so a failure
+    there is a WARNING, never an error."""
+    if on_published is None:
+        return
+    try:
+        on_published()
+    except Exception as error:  # noqa: BLE001 - a report never undoes a commit
+        logger.warning("could not report the save of %s: %s: %s", described, type(error).__name__, error)
 
 
 def prune(
     directory: pathlib.Path, targets: Sequence[Target], kind: EntryKind, *, fs: FileSystem = REAL,
     removes: Sequence[str] = (), families: Sequence[tuple[str, Sequence[str]]] = (),
 ) -> tuple[pathlib.Path, ...]:
-    """Delete the archived versions beyond each target's ``keep`` (``ckptfn.core.retention.plan_prune``),
+    """Delete what ``ckptfn.core.retention.plan_removals`` lets go: the archived versions beyond each target's ``keep``,
     the top-k members in ``removes``, and for each ``(filename, kept)`` of ``families`` any
     member of ``filename`` not in ``kept`` (``ckptfn.core.retention.plan_member_prune``).
 
@@ -453,7 +439,9 @@ def prune(
         logger.warning("could not list %s to remove old checkpoint versions: %s", directory, error)
         return ()
     removed = []
-    for name, why in _doomed(targets, kind, names, removes, families):
+    versions = [(kind.final_name(t.filename), t.keep) for t in targets]
+    members = [(kind.final_name(f), [kind.final_name(n) for n in kept]) for f, kept in families]
+    for name, why in plan_removals(versions, members, [kind.final_name(n) for n in removes], names):
         path = directory / name
         try:
             kind.remove(fs, path)

@@ -13,8 +13,8 @@ snapshot and its targets, in order:
    writer killed mid-upload leaves the old object), every further target by a
    server-side copy of the first. Bytes uploaded = 1 x the snapshot, whatever the
    number of names.
-3. Only then delete what ``keep`` and ``top_k`` let go (``plan_prune``,
-   ``plan_member_prune``); a failed delete is a WARNING.
+3. Only then delete what ``keep`` and ``top_k`` let go (``plan_removals``,
+   the same plan as on a disk); a failed delete is a WARNING.
 
 On failure the archive copies of objects that are still current are removed again
 (they are duplicates, not versions) and a ``CheckpointWriteError`` says which
@@ -34,10 +34,11 @@ from collections.abc import Callable, Sequence
 
 from ckptfn.core.errors import CheckpointWriteError
 from ckptfn.core.naming import archive_name
-from ckptfn.core.retention import archive_moment, plan_member_prune, plan_prune
+from ckptfn.core.retention import archive_moment, plan_removals
 from ckptfn.core.snapshot import Target
 from ckptfn.io.fs import REAL
 from ckptfn.io.objectstore import ObjectStore, store_for
+from ckptfn.io.publish import report_published
 
 __all__ = ["ARCHIVE_ATTEMPTS", "publish_remote", "serialize_to_spool"]
 
@@ -137,12 +138,7 @@ def _prune(
     except Exception as error:  # noqa: BLE001 - the snapshot is committed; the next save retries
         logger.warning("could not list %s to remove old checkpoint versions: %s", store.url(root), error)
         return
-    doomed = [(n, f"{t.filename} keeps {t.keep} versions") for t in targets for n in plan_prune(t.filename, t.keep, names)]
-    for filename, kept in families:
-        doomed += [(n, f"it left the top k of {filename}") for n in plan_member_prune(filename, kept, names)]
-    chosen = {n for n, _ in doomed}
-    doomed += [(n, "it left the top k") for n in removes if n in names and n not in chosen]
-    for name, why in doomed:
+    for name, why in plan_removals([(t.filename, t.keep) for t in targets], families, removes, names):
         try:
             store.remove(f"{root.rstrip('/')}/{name}")
         except FileNotFoundError:
@@ -193,10 +189,6 @@ def publish_remote(
         except BaseException:
             publisher.undo()
             raise
-    if on_published is not None:
-        try:
-            on_published()
-        except Exception as error:  # noqa: BLE001 - committed: a report never undoes that
-            logger.warning("could not report the save of %s: %s: %s", described, type(error).__name__, error)
+    report_published(on_published, described)
     _prune(store, root, targets, removes, families)
     return tuple(store.url(p) for p in paths)
