@@ -357,3 +357,19 @@ def test_resume_false_says_that_earlier_top_k_members_will_go(tmp_path, caplog):
     assert "the top-k members best_acc-epoch=0.pt will be deleted" in caplog.text
     fresh.update({"acc": 0.1}, {}, 0)  # a fresh start: its own top-k, the earlier members go
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best_acc.pt"]
+
+
+def test_the_log_says_saved_before_removed_and_no_checkpoints_yet_once(tmp_path, caplog):
+    config = [ckptfn.Strategy("acc", mode="max", top_k=2), ckptfn.Strategy("val_loss", overwrite=False, keep=1)]
+    with caplog.at_level(logging.INFO, logger="ckptfn"):
+        manager = CheckpointManager(tmp_path, config, resume=True)
+        for epoch, (acc, loss) in enumerate([(0.5, 0.9), (0.6, 0.8), (0.7, 0.7)]):
+            manager.update({"acc": acc, "val_loss": loss}, {}, epoch)
+    lines = [r.getMessage() for r in caplog.records]
+    assert sum("no checkpoints yet (2 strategies)" in line for line in lines) == 1
+    assert not any("never saved" in line for line in lines)
+    last = lines[-4:]  # the third epoch: two saves, then what they let go
+    assert [line.split(":")[0] for line in last[:2]] == ["saved best_acc.pt", "saved best_val_loss.pt"]
+    removed = sorted(line.split(":")[0] for line in last[2:])
+    assert removed[0] == "removed best_acc-epoch=0.pt" and removed[1].startswith("removed best_val_loss_")
+    assert "acc 0.7000 (was 0.6000, kept as best_acc-epoch=1.pt) at epoch 2" in last[0]
