@@ -449,6 +449,6 @@ def test_step_between_validations_changes_only_the_step_and_time_periods():
     state, _ = ckptfn.step(state, {"val_loss": 0.5}, 0, global_step=3, now=0.0)
     new, actions = ckptfn_lightning.step_between_validations(state, 0, global_step=5, now=10.0)
     assert [(type(a).__name__, a.filename) for a in actions] == [("Periodic", "s.pt"), ("Periodic", "t.pt")]
-    assert new.bests[:2] == state.bests[:2] and new.steps == state.steps + 1
+    assert new.bests[:2] == state.bests[:2] and new.steps == state.steps  # not a validation: not counted
     whole, _ = ckptfn.step(state, {"val_loss": 0.5}, 0, global_step=5, now=10.0)
     assert new.bests[2:] == whole.bests[2:]  # the same verdicts as the full step's
