@@ -14,7 +14,7 @@ import re
 
 import pytest
 
-from tests.benchmarks import lightning_bytes, remote_read
+from tests.benchmarks import hf_bytes, lightning_bytes, remote_read
 from tests.benchmarks.measure import COLUMNS, Row, render
 from tests.readme_regions import (
     README,
@@ -36,6 +36,7 @@ EXPECTED = {
     "reliability": ("tests/reliability/report.py", RELIABILITY_COLUMNS),
     "lightning-bytes": ("tests/benchmarks/lightning_bytes.py", lightning_bytes.COLUMNS),
     "remote-read": ("tests/benchmarks/remote_read.py", remote_read.COLUMNS),
+    "hf-bytes": ("tests/benchmarks/hf_bytes.py", hf_bytes.COLUMNS),
     "step-time": ("tests/benchmarks/step_time.py", COLUMNS),
 }
 NOTE = re.compile(r"Measured (\d{4}-\d{2}-\d{2}) with `python (\S+)( [^`]*)?`: ckptfn \S+")
