@@ -61,7 +61,9 @@ def _names(value: object) -> tuple:
 
 def _check_members(inst: object, attribute: attrs.Attribute, value: object) -> None:
     """``aside``, ``name`` and ``leaves`` are top-k member names of the strategy's filename."""
-    names = (value,) if isinstance(value, str) or value is None else value
+    if value is None or value == ():  # the common case (no top-k move), without the work below
+        return
+    names = (value,) if isinstance(value, str) else value
     for name in names:
         if name is None:
             continue

@@ -104,6 +104,8 @@ class Member:
 
 
 def _check_others(inst: Best, _attribute: attrs.Attribute, others: tuple) -> None:
+    if not others:
+        return
     for index, member in enumerate(others):
         if type(member) is not Member:
             raise ConfigError(f"expected a Member, got {type(member).__name__}", f"others[{index}]")
