@@ -37,7 +37,7 @@ from ckptfn.core.naming import archive_name
 from ckptfn.core.retention import archive_moment, plan_removals
 from ckptfn.core.snapshot import Target
 from ckptfn.io.fs import REAL
-from ckptfn.io.objectstore import ObjectStore, store_for
+from ckptfn.io.objectstore import ObjectStore, RemotePath, store_for
 from ckptfn.io.publish import report_published
 
 __all__ = ["ARCHIVE_ATTEMPTS", "publish_remote", "serialize_to_spool"]
@@ -160,7 +160,7 @@ def publish_remote(
     families: Sequence[tuple[str, Sequence[str]]] = (),
     on_serialized: Callable[[], object] | None = None,
     on_published: Callable[[], object] | None = None,
-) -> tuple[str, ...]:
+) -> tuple[RemotePath, ...]:
     """Publish the composed ``checkpoint`` under every target in the remote directory ``url``;
     the URLs written. ``store`` (an ``ObjectStore`` whose paths ``url`` names without its
     protocol) replaces the one fsspec gives, for tests.
@@ -184,11 +184,11 @@ def publish_remote(
             publisher.undo()
             raise CheckpointWriteError(
                 f"could not write {described}: {type(error).__name__}: {error}",
-                tuple(store.url(p) for p in publisher.published),
+                tuple(RemotePath(store.url(p)) for p in publisher.published),
             ) from error
         except BaseException:
             publisher.undo()
             raise
     report_published(on_published, described)
     _prune(store, root, targets, removes, families)
-    return tuple(store.url(p) for p in paths)
+    return tuple(RemotePath(store.url(p)) for p in paths)

@@ -31,11 +31,13 @@ from ckptfn.core.snapshot import Snapshot, Target
 from ckptfn.core.summary import save_line
 from ckptfn.io import torch_internals
 from ckptfn.io.fs import REAL, FileSystem
-from ckptfn.io.objectstore import is_remote, local_path
+from ckptfn.io.objectstore import is_remote, location
 from ckptfn.io.payload import prepare_payload
 from ckptfn.io.publish import FILE, TREE, Publisher, publish
 
-__all__ = ["Written", "commit_tree", "serialization_context", "versions", "write", "write_snapshot"]
+__all__ = [
+    "Written", "commit_tree", "serialization_context", "versions", "write", "write_remote_snapshot", "write_snapshot",
+]
 
 logger = logging.getLogger("ckptfn")
 
@@ -227,38 +229,30 @@ class Written:
             raise self.error
 
 
-def _write_remote(
-    url: str, snapshot: Snapshot, payload: object, *, tree: object, store: object, on_serialized: Callable | None
-) -> Written:
-    """``write`` into a remote directory (``ckptfn.io.remote``): the same contract, URLs as paths."""
-    from ckptfn.io.objectstore import ObjectStore, RemotePath, join
+def write_remote_snapshot(
+    url: str,
+    targets: Sequence[Target],
+    payload: object,
+    metadata: Mapping,
+    *,
+    store: object = None,
+    on_serialized: Callable[[], object] | None = None,
+    progress: list[str] | None = None,
+    removes: Sequence[str] = (),
+    families: Sequence[tuple[str, Sequence[str]]] = (),
+    on_published: Callable[[], object] | None = None,
+) -> tuple[pathlib.Path, ...]:
+    """``write_snapshot`` for a remote directory: the same snapshot, published by the object-store
+    protocol (``ckptfn.io.remote``); the paths are ``RemotePath`` URLs. ``store``: an ``ObjectStore``
+    to use instead of the one fsspec gives (tests)."""
+    from ckptfn.io.objectstore import ObjectStore
     from ckptfn.io.remote import publish_remote
 
-    if tree is not None:
-        raise CheckpointWriteError(f"{url}: sharded (DCP) checkpoints need a local or shared file system path")
-    if not snapshot.targets:
-        return Written((), Outcome.success(()))
-    progress: list[str] = []
-
-    def say_saved() -> None:
-        for save in snapshot.saves:
-            logger.info("%s", save_line(save))
-
-    try:
-        checkpoint = compose(prepare_payload(payload), snapshot.metadata)  # PayloadError before any request
-        urls = publish_remote(
-            url, snapshot.targets, checkpoint, store=store if isinstance(store, ObjectStore) else None,
-            progress=progress, removes=snapshot.removes, families=snapshot.families,
-            on_serialized=on_serialized, on_published=say_saved,
-        )
-    except BaseException as error:  # noqa: BLE001 - handed back, as for local directories
-        if isinstance(error, Exception):
-            landed = set(getattr(error, "published", ()))
-            names = [t.filename for t in snapshot.targets if join(url, t.filename) in landed]
-        else:
-            names = [t.filename for t in snapshot.targets if t.filename in progress]
-        return Written(tuple(RemotePath(join(url, n)) for n in names), Outcome.failure(snapshot.filenames, names), error)
-    return Written(tuple(map(RemotePath, urls)), Outcome.success(snapshot.filenames))
+    checkpoint = compose(prepare_payload(payload), metadata)  # PayloadError before any request
+    return publish_remote(
+        url, targets, checkpoint, store=store if isinstance(store, ObjectStore) else None, progress=progress,
+        removes=removes, families=families, on_serialized=on_serialized, on_published=on_published,
+    )
 
 
 def write(
@@ -293,10 +287,9 @@ def write(
     (['best_val_loss.pt'], True)
     """
     progress: list[str] = []
-    if is_remote(directory):
-        return _write_remote(str(directory), snapshot, payload, tree=tree, store=fs, on_serialized=on_serialized)
-    directory = pathlib.Path(local_path(directory))
-    seam = {} if fs is None else {"fs": fs}
+    remote = is_remote(directory)
+    directory = location(directory)  # a RemotePath joins and names like a Path: one outcome rule below
+    seam = {} if fs is None else {"store" if remote else "fs": fs}
 
     def say_saved() -> None:  # before the prune's "removed" lines
         for save in snapshot.saves:
@@ -304,7 +297,14 @@ def write(
 
     after = {"removes": snapshot.removes, "families": snapshot.families, "on_published": say_saved}
     try:
-        if tree is None:
+        if remote and tree is not None:
+            raise CheckpointWriteError(f"{directory}: sharded (DCP) checkpoints need a local or shared file system path")
+        if remote:
+            paths = write_remote_snapshot(
+                directory, snapshot.targets, payload, snapshot.metadata, on_serialized=on_serialized,
+                progress=progress, **after, **seam,
+            )
+        elif tree is None:
             paths = write_snapshot(
                 directory, snapshot.targets, payload, snapshot.metadata, on_serialized=on_serialized,
                 progress=progress, **after, **seam,
