@@ -32,7 +32,7 @@ import pickle
 import sys
 import types
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from ckptfn.core.errors import CheckpointError, CheckpointNotFoundError, CheckpointWriteError, PayloadError
 from ckptfn.core.metadata import FORMAT, shape_problem
@@ -48,6 +48,8 @@ __all__ = [
     "load_consolidated",
     "load_sharded",
     "read_sharded_metadata",
+    "prepare_shards",
+    "start_shards",
     "write_shards",
 ]
 
@@ -311,6 +313,10 @@ def _single_process_quietly(no_dist: bool):
         yield True
 
 
+#: DCP's warning that a save without a process group is a single process's: what we asked for.
+_SINGLE_PROCESS_SAVE = "torch.distributed is disabled, unavailable or uninitialized, assuming the intent is to save"
+
+
 def _prepare(value: object, path: str) -> object:
     """Tensors (plain or sharded) stay as they are; other values as ``prepare_payload`` makes them."""
     import torch  # lazily: reading ckptfn.json needs no torch
@@ -400,6 +406,44 @@ def load_consolidated(path: str | os.PathLike) -> tuple[dict, dict]:
 # --- writing -------------------------------------------------------------------------------
 
 
+def _made_temp(directory: pathlib.Path, temp_name: str, coordinator: bool, fs: FileSystem) -> pathlib.Path:
+    """The temporary tree ``directory/temp_name``, made (and locked) by its owner, rank 0, before
+    DCP writes into it."""
+    temp = directory / temp_name
+    if coordinator:
+        try:
+            fs.mkdir(directory)
+            fs.make_directory(temp)
+        except OSError:  # DCP creates the directory itself and shares its error with every rank
+            pass
+    return temp
+
+
+def _shard_failure(error: BaseException, temp: pathlib.Path, coordinator: bool, fs: FileSystem) -> Exception:
+    """DCP's failure (the same on every rank: DCP gathers them) as ckptfn's error; the owner
+    removes the temporary tree (else it is left for the next write's sweep)."""
+    cause = _dcp_failure(error)
+    if coordinator and _exists(temp):
+        try:
+            fs.rmtree(temp)
+        except OSError:
+            pass
+    if isinstance(cause, PayloadError):
+        return PayloadError(str(cause))
+    return CheckpointWriteError(f"could not write {temp}: {type(cause).__name__}: {cause}")
+
+
+def _save_arguments(temp: pathlib.Path, payload: Mapping, group: object) -> dict:
+    if not isinstance(payload, Mapping):
+        raise PayloadError(f"payload: a sharded checkpoint needs a mapping, got {type(payload).__name__}")
+    api = _dcp()
+    return {
+        "storage_writer": api.dcp.FileSystemWriter(temp, sync_files=True),
+        "planner": api.saver(),
+        "process_group": group,
+    }
+
+
 def write_shards(
     directory: str | os.PathLike,
     temp_name: str,
@@ -418,34 +462,60 @@ def write_shards(
     rank as a ``CheckpointWriteError`` and the temporary tree is removed. Then
     the coordinator alone publishes it (``ckptfn.io.write.commit_tree``).
     """
-    directory = pathlib.Path(directory)
-    temp = directory / temp_name
+    temp = _made_temp(pathlib.Path(directory), temp_name, coordinator, fs)
     api = _dcp()
-    if coordinator:
-        try:
-            fs.mkdir(directory)
-            fs.make_directory(temp)  # made (and locked) by its owner before DCP writes into it
-        except OSError:  # DCP creates the directory itself below and shares its error with every rank
-            pass
     try:
-        if not isinstance(payload, Mapping):
-            raise PayloadError(f"payload: a sharded checkpoint needs a mapping, got {type(payload).__name__}")
+        arguments = _save_arguments(temp, payload, group)
         with _single_process_quietly(group is None and not _initialized()) as no_dist:
-            api.dcp.save(
-                dict(payload),
-                storage_writer=api.dcp.FileSystemWriter(temp, sync_files=True),
-                planner=api.saver(),
-                process_group=group,
-                no_dist=no_dist,
-            )
+            api.dcp.save(dict(payload), no_dist=no_dist, **arguments)
     except api.failures as error:
-        cause = _dcp_failure(error)
-        if coordinator and _exists(temp):
-            try:
-                fs.rmtree(temp)
-            except OSError:
-                pass  # left for the next write's sweep
-        if isinstance(cause, PayloadError):
-            raise PayloadError(str(cause)) from error
-        raise CheckpointWriteError(f"could not write {temp}: {type(cause).__name__}: {cause}") from error
+        raise _shard_failure(error, temp, coordinator, fs) from error
     return temp
+
+
+def prepare_shards(payload: object) -> dict:
+    """``payload`` as DCP saves it: tensors (plain or sharded) as they are, other values as
+    ``prepare_payload`` makes them; ``PayloadError`` now for what cannot be stored."""
+    if not isinstance(payload, Mapping):
+        raise PayloadError(f"payload: a sharded checkpoint needs a mapping, got {type(payload).__name__}")
+    return _prepare(payload, "payload")
+
+
+def start_shards(
+    directory: str | os.PathLike,
+    temp_name: str,
+    payload: Mapping,
+    *,
+    group: object = None,
+    coordinator: bool = True,
+    fs: FileSystem = REAL,
+) -> Callable[[], pathlib.Path]:
+    """``write_shards``, asynchronously, through DCP's ``async_save``: every rank of ``group``
+    copies its shards of ``payload`` to CPU memory now (the caller may change the payload once
+    this returns) and DCP writes them on a thread of its own, whose collectives run on
+    ``group`` (give it a process group of its own, with a CPU backend: it runs beside the
+    training loop's collectives).
+
+    Returns ``finish``: blocks until the tree is complete on disk and returns it, or raises
+    the failure of any rank as ``write_shards`` does. Call it (on every rank) before the
+    coordinator publishes the tree.
+    """
+    temp = _made_temp(pathlib.Path(directory), temp_name, coordinator, fs)
+    api = _dcp()
+    try:
+        arguments = _save_arguments(temp, payload, group)
+        no_dist = group is None and not _initialized()
+        if no_dist:  # DCP warns from its own thread, where a catch_warnings here cannot reach
+            warnings.filterwarnings("ignore", message=_SINGLE_PROCESS_SAVE, category=UserWarning)
+        future = api.dcp.async_save(dict(payload), no_dist=no_dist, **arguments)
+    except api.failures as error:
+        raise _shard_failure(error, temp, coordinator, fs) from error
+
+    def finish() -> pathlib.Path:
+        try:
+            future.result()
+        except api.failures as error:
+            raise _shard_failure(error, temp, coordinator, fs) from error
+        return temp
+
+    return finish

@@ -288,13 +288,19 @@ def _warn_skips(skips: Iterable[Skip]) -> None:
         warnings.warn(skip_line(skip), MetricWarning, stacklevel=3)
 
 
+def as_write_error(written: Written) -> CheckpointWriteError | None:
+    """A background write's failure as ``CheckpointWriteError`` (its own, if it was one); None
+    if it succeeded."""
+    error = written.error
+    if error is None or isinstance(error, CheckpointWriteError):
+        return error
+    wrapped = CheckpointWriteError(f"background checkpoint save failed: {type(error).__name__}: {error}", written.paths)
+    wrapped.__cause__ = error
+    return wrapped
+
+
 def raise_as_write_error(written: Written) -> None:
     """Raise a background write's failure as ``CheckpointWriteError`` (its own, if it was one)."""
-    error = written.error
-    if error is None:
-        return
-    if isinstance(error, CheckpointWriteError):
+    error = as_write_error(written)
+    if error is not None:
         raise error
-    raise CheckpointWriteError(
-        f"background checkpoint save failed: {type(error).__name__}: {error}", written.paths
-    ) from error

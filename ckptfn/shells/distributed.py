@@ -197,12 +197,16 @@ def _fresh_tree_name(filename: str) -> str:
 @attrs.frozen
 class Coordinated:
     """The outcome of one coordinated call on this rank: the state to keep, the step's
-    actions, the paths written and the error to raise (after the state is kept)."""
+    actions, the paths written, the error to raise (after the state is kept) and the
+    writes it confirmed."""
 
     state: State
     actions: tuple = attrs.field(converter=tuple)
     paths: tuple[pathlib.Path, ...] = attrs.field(converter=tuple)
     error: BaseException | None = attrs.field(default=None, eq=False)
+    #: ``(saves, paths)`` of each write this call saw committed, for the ``on_saved`` hooks
+    #: (rank 0 only; a background write is confirmed by a later call).
+    confirmed: tuple = attrs.field(default=(), converter=tuple)
 
     def raise_error(self) -> None:
         if self.error is not None:
@@ -263,11 +267,12 @@ class Coordinator:
         self._check_once()
         return self.ranks.agree(flag)
 
-    def _decide(self, state: State, metrics: Mapping, payload: object, position: Mapping, decide=step):
+    def _decide(self, state: State, metrics: Mapping, payload: object, position: Mapping, decide=step, then=None):
         """Rank 0 decides (``decide(state, metrics, **position)``, ``step`` by default) and shares
-        ``(decision, sharded, temp name)``; every rank returns ``(new_state, actions, sharded,
-        temp name, snapshot)``, the snapshot on rank 0 only. A failure on rank 0 (a bad metric,
-        ...) is raised on every rank."""
+        ``(decision, sharded, temp name, extra)``; every rank returns ``(new_state, actions,
+        sharded, temp name, snapshot, extra)``, the snapshot on rank 0 only. ``then(saves,
+        sharded)``, on rank 0 after the decision, returns ``extra`` (plain data; None without
+        ``then``). A failure on rank 0 (a bad metric, ...) is raised on every rank."""
         ranks = self.ranks
         if ranks.is_coordinator:
             try:
@@ -278,18 +283,19 @@ class Coordinator:
                 if sharded:
                     self.config.check_sharded()
                 temp = _fresh_tree_name(saves[0].filename) if sharded else None
-                message = (decision_to_wire(new_state, actions), sharded, temp)
+                extra = None if then is None else then(saves, sharded)
+                message = (decision_to_wire(new_state, actions), sharded, temp, extra)
             except Exception as error:
                 ranks.share(failure_to_wire(error))
                 raise
             ranks.share(message)
-            return new_state, actions, sharded, temp, snapshot
+            return new_state, actions, sharded, temp, snapshot, extra
         message = ranks.share(None)
         if is_failure(message):
             raise failure_from_wire(message)
-        wire, sharded, temp = message
+        wire, sharded, temp, extra = message
         new_state, actions = decision_from_wire(self.config, wire)
-        return new_state, actions, sharded, temp, None
+        return new_state, actions, sharded, temp, None, extra
 
     def _share_outcome(self, error: BaseException | None, paths, kept: State | None) -> tuple:
         """Share rank 0's outcome (its paths or its failure, and the state it kept); on every
@@ -312,7 +318,7 @@ class Coordinator:
         ``preempted``); ``decide(state, metrics, **position)`` is the pure decision, ``step``
         unless given (a preemption between decisions passes one that calls ``preempt``)."""
         self._check_once()
-        new_state, actions, sharded, temp, snapshot = self._decide(state, metrics, payload, position, decide)
+        new_state, actions, sharded, temp, snapshot, _ = self._decide(state, metrics, payload, position, decide)
         saves, _ = partition(actions)
         if not saves:
             return Coordinated(new_state, actions, ())
@@ -337,7 +343,8 @@ class Coordinator:
         kept = state_to_keep(self.config, self.directory, state, new_state, written)
         if shared:
             self._share_outcome(written.error, written.paths, kept)
-        return Coordinated(kept, actions, written.paths, written.error)
+        confirmed = [(snapshot.saves, written.paths)] if written.error is None else []
+        return Coordinated(kept, actions, written.paths, written.error, confirmed)
 
     def save_one(self, state_dict: object, directory: pathlib.Path, snapshot: Snapshot) -> pathlib.Path:
         """``CheckpointManager.save_checkpoint`` across ranks: rank 0 writes a replicated

@@ -32,6 +32,7 @@ from ckptfn.core.summary import count_of, summary_lines
 from ckptfn.io.objectstore import is_remote, location
 from ckptfn.io.read import load_checkpoint, member_files, read_metadata, restore_from_directory
 from ckptfn.io.write import interrupts_deferred, serialization_context, versions, write
+from ckptfn.shells.async_ranks import AsyncCoordinator
 from ckptfn.shells.background import AsyncExecutor, ClosesOnExit, raise_as_write_error
 from ckptfn.shells.distributed import SOLO, Coordinator, find_group
 from ckptfn.shells.preemption import Preemption, SignalWatch, check_main_thread, with_save_on
@@ -67,7 +68,10 @@ class CheckpointManager(ClosesOnExit):
         async_save: ``update`` returns once the payload is snapshotted (tensors
             copied into reused CPU staging buffers, the rest deep-copied) and one
             background thread writes it, one save at a time. ``wait()``,
-            ``close()`` and leaving a ``with`` block block until it is on disk.
+            ``close()`` and leaving a ``with`` block block until it is on disk. Under a
+            process group and for sharded state too (``ckptfn.shells.async_ranks``): the
+            decision stays shared, the writing ranks write in the background, and ``wait``
+            and ``close`` become collective (every rank calls them).
         checksums: ``False`` skips torch's CRC32 of every zip record (faster
             saves; ``torch.load`` never checks them, zip tools report bad CRCs).
         process_group: the ``torch.distributed`` group whose ranks share this
@@ -146,7 +150,7 @@ class CheckpointManager(ClosesOnExit):
         self.sharded = sharded
         self._process_group = process_group
         ranks = find_group(process_group)  # None in a single process: nothing below changes
-        self._coordinator = None if ranks is None else Coordinator(ranks, self.config, self.output_dir, sharded)
+        self._coordinator = None if ranks is None else self._coordinator_for(ranks)
         if self._coordinator is not None:  # the same ConfigError on every rank if the ranks differ
             save_on = self.config.save_on if watching else ()  # decides the agreement collective
             self._coordinator.check_config(resume=resume is not False, async_save=async_save, save_on=save_on)
@@ -278,8 +282,8 @@ class CheckpointManager(ClosesOnExit):
             self._seen_skips = report_skips(
                 self._seen_skips, result.actions, stacklevel=3, loud=coordinator.is_coordinator
             )
-            if coordinator.is_coordinator and result.error is None:
-                notify(self._hooks, partition(result.actions)[0], result.paths)
+            for saves, paths in result.confirmed:  # rank 0 only
+                notify(self._hooks, saves, paths)
             result.raise_error()
             if preempted:
                 self._honour(result.actions, result.paths, loud=coordinator.is_coordinator)
@@ -319,7 +323,11 @@ class CheckpointManager(ClosesOnExit):
 
     def _settle(self, *, block: bool) -> None:
         """Collect the background save; on its failure roll its strategies back (to what they
-        believed before it if nothing was published, else to the files) and raise."""
+        believed before it if nothing was published, else to the files) and raise. Under a
+        process group (``block=True`` only): the same, agreed by every rank (``AsyncCoordinator``)."""
+        if isinstance(self._coordinator, AsyncCoordinator):
+            self._settle_together()
+            return
         written = self._writer.collect(block=block)
         if written is None:
             return
@@ -370,6 +378,17 @@ class CheckpointManager(ClosesOnExit):
         if self._writer is not None:
             self._settle(block=True)
 
+    def _settle_together(self) -> None:
+        """``_settle(block=True)`` across ranks (every rank calls it): rank 0 reports the background
+        save's outcome, every rank keeps the same state and raises the same failure."""
+        old = self.state
+        self._in_doubt = True
+        result = self._coordinator.settle(old)
+        self._state, self._in_doubt = result.state, False
+        for saves, paths in result.confirmed:
+            notify(self._hooks, saves, paths)
+        result.raise_error()
+
     def close(self) -> None:
         """``wait``, then stop the background writer and free its staging buffers, and put back the
         signal handlers ``save_on`` replaced. Idempotent."""
@@ -392,14 +411,16 @@ class CheckpointManager(ClosesOnExit):
         if self._coordinator is None and self._process_group is None:
             ranks = find_group()
             if ranks is not None:
-                self._coordinator = Coordinator(ranks, self.config, self.output_dir, self.sharded)
+                self._coordinator = self._coordinator_for(ranks)
         if self._coordinator is None and self.sharded is True:
-            self._coordinator = Coordinator(SOLO, self.config, self.output_dir, self.sharded)
-        if self._coordinator is None:
-            return None
-        if self._writer is not None:
-            raise ValueError("async_save is not supported with a process group or sharded=True")
+            self._coordinator = self._coordinator_for(SOLO)
         return self._coordinator
+
+    def _coordinator_for(self, ranks: object) -> Coordinator:
+        """The distributed half for ``ranks``: writing in the background with ``async_save``."""
+        if self._writer is not None:
+            return AsyncCoordinator(ranks, self.config, self.output_dir, self.sharded, self._writer)
+        return Coordinator(ranks, self.config, self.output_dir, self.sharded)
 
     # --- one-off saves and loads -----------------------------------------------------------
 
@@ -436,10 +457,10 @@ class CheckpointManager(ClosesOnExit):
         )
         snapshot = Snapshot([Target(path.name, overwrite)], file_metadata)
         coordinator = self._coordination()
-        if coordinator is not None:
-            return coordinator.save_one(state_dict, directory, snapshot)
         if self._writer is not None:
             self._writer.join()  # never two writes at once; its outcome is left for update/wait/close
+        if coordinator is not None:
+            return coordinator.save_one(state_dict, directory, snapshot)
         written = serialization_context(self.checksums).run(write, directory, snapshot, state_dict)
         written.raise_error()
         (path,) = written.paths
