@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from ckptfn.core.actions import Periodic
 from ckptfn.core.commit import roll_back
 from ckptfn.core.config import Config, as_config
-from ckptfn.core.errors import CheckpointError, CheckpointNotFoundError
+from ckptfn.core.errors import CheckpointError, CheckpointNotFoundError, CheckpointWriteError
 from ckptfn.core.every import Every
 from ckptfn.core.metadata import build_metadata, entry_for
 from ckptfn.core.naming import timestamp_iso
@@ -404,6 +404,23 @@ class CheckpointManager(ClosesOnExit):
         finally:
             if self._watch is not None:
                 self._watch.close()  # the previous signal handlers are back
+
+    def __exit__(self, kind, error, traceback) -> None:
+        """Leaving a ``with`` block: ``close()``; with an exception, under a process group with
+        ``async_save``, this rank closes alone (no collective: the other ranks may be anywhere),
+        finishing its own background write and logging its failure, never hiding the exception."""
+        if kind is None or not isinstance(self._coordinator, AsyncCoordinator) or self._closed:
+            return super().__exit__(kind, error, traceback)
+        self._closed = True
+        self._in_doubt = True  # not judged with the others: the state is read back from the files if asked
+        try:
+            self._writer.close()
+        except CheckpointWriteError as write_error:
+            logger.error("a background checkpoint save failed: %s", write_error)
+        finally:
+            if self._watch is not None:
+                self._watch.close()
+        return None
 
     def _coordination(self) -> Coordinator | None:
         """The coordinator when saving involves other ranks or DCP, else None. Until a process

@@ -210,3 +210,17 @@ def fsdp_async_killed(rank: int, world: int, out: str, victim: int) -> dict:
     manager.update({"val_loss": 0.5, "val_corr": 0.05}, _payload(model, optimizer), 1)
     manager.wait()
     return {"unexpected": "the save completed"}
+
+
+def leaving_with_an_exception(rank: int, world: int, out: str) -> dict:
+    """Both ranks leave the manager's ``with`` block with an exception right after an update that
+    saves: each closes alone (no collective), rank 0's background write still lands."""
+    calls = _threads_that_call(torch.distributed, "broadcast_object_list")
+    try:
+        with CheckpointManager(out, TWO, async_save=True) as manager:
+            manager.update({"val_loss": 0.5, "val_corr": 0.2}, {"w": torch.ones(2)}, 0)
+            before = len(calls)
+            raise ValueError(f"the loop failed on rank {rank}")
+    except ValueError as error:
+        raised = str(error)
+    return {"raised": raised, "collectives_on_exit": len(calls) - before, "best": manager.best_values}

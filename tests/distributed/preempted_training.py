@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--world", type=int, default=1)
     parser.add_argument("--store", default="")
     parser.add_argument("--count-collectives", action="store_true", help="count ckptfn's all_reduce calls")
+    parser.add_argument("--async-save", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     directory, rank = pathlib.Path(args.directory), args.rank
@@ -146,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
         def users_handler(number, frame):
             chained.append({"signal": signal.Signals(number).name, "inside_write": bool(armed and armed["writing"])})
         signal.signal(signal.SIGTERM, users_handler)
-    manager = ckptfn.CheckpointManager(directory, config, save_on=SAVE_ON)
+    manager = ckptfn.CheckpointManager(directory, config, save_on=SAVE_ON, async_save=args.async_save)
     manager_box.append(manager)
     big = torch.arange(args.big * 2**18, dtype=torch.float32) if args.big else None  # MB of float32
     start = 0

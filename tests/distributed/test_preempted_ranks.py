@@ -27,18 +27,19 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def start_rank(directory, rank: int, store) -> subprocess.Popen:
+def start_rank(directory, rank: int, store, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "tests.distributed.preempted_training", str(directory),
-         "--world", "2", "--rank", str(rank), "--store", str(store), "--count-collectives"],
+         "--world", "2", "--rank", str(rank), "--store", str(store), "--count-collectives", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
 
 
-def test_a_signal_to_rank_1_stops_both_ranks_at_the_same_step_and_rank_0_saves_it(tmp_path):
+@pytest.mark.parametrize("extra", [(), ("--async-save",)], ids=["sync", "async"])
+def test_a_signal_to_rank_1_stops_both_ranks_at_the_same_step_and_rank_0_saves_it(tmp_path, extra):
     run = tmp_path / "run"
-    ranks = [start_rank(run, rank, tmp_path / "store") for rank in (0, 1)]
+    ranks = [start_rank(run, rank, tmp_path / "store", *extra) for rank in (0, 1)]
     try:
         for line in ranks[1].stdout:
             if line.strip() == "step 5":

@@ -89,6 +89,15 @@ def test_a_failed_background_write_is_raised_on_every_rank_at_the_same_call(tmp_
     assert hidden(out) == []
 
 
+def test_a_rank_leaving_its_with_block_with_an_exception_closes_alone_and_its_write_lands(tmp_path):
+    out = tmp_path / "run"
+    rank0, rank1 = run_ranks(tmp_path, async_workers.leaving_with_an_exception, str(out))
+    assert rank0["raised"] == "the loop failed on rank 0" and rank1["raised"] == "the loop failed on rank 1"
+    assert rank0["collectives_on_exit"] == rank1["collectives_on_exit"] == 0  # a rank alone never blocks on the others
+    assert rank0["best"] == {"best_loss.pt": 0.5, "best_corr.pt": 0.2}  # read back from the files
+    assert read_metadata(out / "best_loss.pt")["epoch"] == 0 and hidden(out) == []
+
+
 # --- sharded payloads (FSDP2 on CPU) ---------------------------------------------------------------
 
 
