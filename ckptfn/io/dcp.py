@@ -433,15 +433,29 @@ def _shard_failure(error: BaseException, temp: pathlib.Path, coordinator: bool, 
     return CheckpointWriteError(f"could not write {temp}: {type(cause).__name__}: {cause}")
 
 
-def _save_arguments(temp: pathlib.Path, payload: Mapping, group: object) -> dict:
-    if not isinstance(payload, Mapping):
-        raise PayloadError(f"payload: a sharded checkpoint needs a mapping, got {type(payload).__name__}")
+def _dcp_save(asynchronous: bool, directory, temp_name: str, payload: Mapping, group, coordinator: bool, fs):
+    """The temporary tree and what DCP's ``save`` (or ``async_save``) of ``payload`` into it
+    returned; DCP's failure raised as ``_shard_failure`` makes it."""
+    temp = _made_temp(pathlib.Path(directory), temp_name, coordinator, fs)
     api = _dcp()
-    return {
-        "storage_writer": api.dcp.FileSystemWriter(temp, sync_files=True),
-        "planner": api.saver(),
-        "process_group": group,
-    }
+    no_dist = group is None and not _initialized()
+    try:
+        if not isinstance(payload, Mapping):
+            raise PayloadError(f"payload: a sharded checkpoint needs a mapping, got {type(payload).__name__}")
+        arguments = {
+            "storage_writer": api.dcp.FileSystemWriter(temp, sync_files=True),
+            "planner": api.saver(),
+            "process_group": group,
+            "no_dist": no_dist,
+        }
+        if asynchronous:
+            if no_dist:  # DCP warns from its own thread, where a catch_warnings here cannot reach
+                warnings.filterwarnings("ignore", message=_SINGLE_PROCESS_SAVE, category=UserWarning)
+            return temp, api.dcp.async_save(dict(payload), **arguments)
+        with _single_process_quietly(no_dist):
+            return temp, api.dcp.save(dict(payload), **arguments)
+    except api.failures as error:
+        raise _shard_failure(error, temp, coordinator, fs) from error
 
 
 def write_shards(
@@ -462,14 +476,7 @@ def write_shards(
     rank as a ``CheckpointWriteError`` and the temporary tree is removed. Then
     the coordinator alone publishes it (``ckptfn.io.write.commit_tree``).
     """
-    temp = _made_temp(pathlib.Path(directory), temp_name, coordinator, fs)
-    api = _dcp()
-    try:
-        arguments = _save_arguments(temp, payload, group)
-        with _single_process_quietly(group is None and not _initialized()) as no_dist:
-            api.dcp.save(dict(payload), no_dist=no_dist, **arguments)
-    except api.failures as error:
-        raise _shard_failure(error, temp, coordinator, fs) from error
+    temp, _ = _dcp_save(False, directory, temp_name, payload, group, coordinator, fs)
     return temp
 
 
@@ -500,16 +507,8 @@ def start_shards(
     the failure of any rank as ``write_shards`` does. Call it (on every rank) before the
     coordinator publishes the tree.
     """
-    temp = _made_temp(pathlib.Path(directory), temp_name, coordinator, fs)
+    temp, future = _dcp_save(True, directory, temp_name, payload, group, coordinator, fs)
     api = _dcp()
-    try:
-        arguments = _save_arguments(temp, payload, group)
-        no_dist = group is None and not _initialized()
-        if no_dist:  # DCP warns from its own thread, where a catch_warnings here cannot reach
-            warnings.filterwarnings("ignore", message=_SINGLE_PROCESS_SAVE, category=UserWarning)
-        future = api.dcp.async_save(dict(payload), no_dist=no_dist, **arguments)
-    except api.failures as error:
-        raise _shard_failure(error, temp, coordinator, fs) from error
 
     def finish() -> pathlib.Path:
         try:

@@ -107,3 +107,13 @@ def run_ranks(
 
 def _codes(context) -> dict[int, int | None]:
     return {rank: process.exitcode for rank, process in enumerate(context.processes)}
+
+
+def visible(directory) -> list[str]:
+    """The names in ``directory`` a user sees (no hidden temporary files or trees)."""
+    return sorted(name for name in os.listdir(directory) if not name.startswith("."))
+
+
+def hidden(directory) -> list[str]:
+    """The hidden names in ``directory``: temporary files or trees left behind."""
+    return sorted(name for name in os.listdir(directory) if name.startswith("."))

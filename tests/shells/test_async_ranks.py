@@ -19,7 +19,7 @@ from ckptfn import CheckpointManager, load_checkpoint, read_metadata
 from ckptfn.core.naming import archived_of
 
 from tests.distributed import async_workers, workers
-from tests.distributed.harness import RanksFailed, run_ranks, start_forkserver
+from tests.distributed.harness import RanksFailed, hidden, run_ranks, start_forkserver, visible
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
@@ -30,14 +30,6 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture(scope="module", autouse=True)
 def forkserver():
     start_forkserver()
-
-
-def visible(directory) -> list[str]:
-    return sorted(name for name in os.listdir(directory) if not name.startswith("."))
-
-
-def hidden(directory) -> list[str]:
-    return sorted(name for name in os.listdir(directory) if name.startswith("."))
 
 
 # --- replicated payloads (DDP) -------------------------------------------------------------------
