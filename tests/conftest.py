@@ -57,3 +57,27 @@ def pytest_collection_modifyitems(config, items):
     keep = [item for item in items if item.path in wanted]
     config.hook.pytest_deselected(items=[item for item in items if item not in keep])
     items[:] = keep
+
+
+# --- the tests leave the repository as they found it ----------------------------------------------
+
+#: What running the tests may add at the top of the checkout: caches.
+_ALLOWED_NEW = {".pytest_cache", ".hypothesis", "__pycache__"}
+
+
+def pytest_sessionstart(session):
+    session.config._ckptfn_root_before = set(os.listdir(session.config.rootpath))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """A test that writes into the checkout (a stray ``checkpoints/`` from a Lightning default
+    directory, an ``s3:`` folder from a mangled URL) fails the run, naming what it left."""
+    before = getattr(session.config, "_ckptfn_root_before", None)
+    if before is None or os.environ.get("CKPTFN_NESTED_README_RUN") == "1":
+        return
+    left = sorted(set(os.listdir(session.config.rootpath)) - before - _ALLOWED_NEW)
+    if left:
+        session.config.get_terminal_writer().line(
+            f"the tests left these in the checkout {session.config.rootpath}: {', '.join(left)}", red=True
+        )
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

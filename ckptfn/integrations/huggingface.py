@@ -21,12 +21,16 @@ A file holds, under ckptfn's nested layout (``ckptfn.load_checkpoint(path)`` ret
 - ``trainer_state``: the ``TrainerState`` as the plain data of its JSON form
   (``TrainerState(**payload["trainer_state"])`` rebuilds it).
 
-The files go to ``<args.output_dir>/ckptfn`` unless a directory is given; the Trainer's
-own ``checkpoint-*`` directories are never written, renamed or deleted.
+The files go to ``<args.output_dir>/ckptfn`` unless a directory is given (a local one, or
+an fsspec URL such as ``s3://bucket/run``: ckptfn's object-store protocol, one upload per
+write); the Trainer's own ``checkpoint-*`` directories are never written, renamed or deleted.
+``save_on=("SIGTERM", "SIGUSR1")`` turns a preemption signal into one complete ``last`` file
+at the next safe point, then ``control.should_training_stop`` (``ckptfn.shells.preemption``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -48,6 +52,9 @@ from ckptfn.core.every import Every
 from ckptfn.core.metrics import metric_value
 from ckptfn.core.state import State
 from ckptfn.core.step import best_values, init, step
+from ckptfn.io.objectstore import location
+from ckptfn.shells.distributed import find_group
+from ckptfn.shells.preemption import Preemption, SignalWatch, check_main_thread, honour_preemption, with_save_on
 from ckptfn.shells.recipe import trackers_of
 
 __all__ = ["Checkpointing", "trainer_metrics", "trainer_payload"]
@@ -65,7 +72,9 @@ class Checkpointing(TrainerCallback):
         config: a ``Config``, a ``Strategy``/``Every``, a list of them, or anything
             ``Config.from_mapping`` accepts. Metric names are the keys of the
             evaluation metrics (``eval_loss``, ``eval_accuracy``; ``eval/accuracy`` too).
-        output_dir: a local directory for the files; ``None``: ``<args.output_dir>/ckptfn``.
+        output_dir: a local directory for the files, or an fsspec URL (``s3://bucket/run``,
+            ``memory://run``): the files are then objects of that store (``ckptfn.io.remote``);
+            ``None``: ``<args.output_dir>/ckptfn``.
         resume: what a ``train()`` that does not resume from a checkpoint does with
             files of an earlier run in ``output_dir``: ``None`` (default) or ``True``
             judges against them (only better evaluations replace them; ``None`` warns
@@ -78,6 +87,16 @@ class Checkpointing(TrainerCallback):
             when the Trainer's ``eval_dataset`` is a dict (the Trainer evaluates each
             dataset separately, as ``eval_<name>_loss``, ...), so that one decision sees
             all their metrics.
+        save_on: signals that announce a preemption (``("SIGTERM", "SIGUSR1")``, names or
+            numbers), added to the config's ``save_on``; the config needs an ``Every``. From
+            ``on_train_begin`` to ``on_train_end`` their handlers (installed from the main
+            thread, chained to the previous ones, put back at the end) only record the signal.
+            At the next safe point (``on_step_end``, after an optimizer step, or an
+            ``on_evaluate``) every ``Every`` strategy's file is written at once, whatever its
+            period (at a decision with whatever improved, one write), ``preempted`` is set and
+            ``control.should_training_stop`` too: ``train()`` returns; nothing more is decided
+            at that global step. Under several processes they agree on the flag (one
+            ``all_reduce`` per safe point), so a signal to any of them stops all at the same step.
 
     Only world process zero decides (on its metrics) and writes; the other processes do
     nothing. Nothing is decided outside ``train()``, before the first optimizer step
@@ -102,16 +121,16 @@ class Checkpointing(TrainerCallback):
         resume: bool | None = None,
         on_saved: object = None,
         evaluations: int = 1,
+        save_on: object = None,
     ) -> None:
         if resume not in (None, True, False):
             raise TypeError(f"resume: expected None, True or False, got {resume!r}")
-        if output_dir is not None and "://" in os.fspath(output_dir):
-            raise ValueError(f"output_dir: ckptfn writes local files, got the URL {os.fspath(output_dir)!r}")
         if type(evaluations) is not int or evaluations < 1:
             raise ValueError(f"evaluations: expected a positive int, got {evaluations!r}")
-        self.config: Config = as_config(config)
-        self._given = None if output_dir is None else pathlib.Path(output_dir)
-        #: where the files go (known once training begins when not given)
+        self.config: Config = with_save_on(as_config(config), save_on)
+        self._given = None if output_dir is None else location(output_dir)
+        #: where the files go (known once training begins when not given): a ``pathlib.Path``,
+        #: or a ``RemotePath`` (a URL) for an object store
         self.output_dir: pathlib.Path | None = self._given
         #: the pure decision state; it always describes the files in ``output_dir``
         self.state: State = init(self.config)
@@ -124,6 +143,10 @@ class Checkpointing(TrainerCallback):
         self._seen_skips: frozenset[tuple[str, str]] = frozenset()
         #: set while a write runs: if anything escapes before the commit, the files decide
         self._in_doubt = False
+        self._watching = self.config.active and bool(self.config.save_on)
+        self._watch: SignalWatch | None = None  # installed while train() runs (save_on)
+        self._ranks = None  # the processes that agree on a preemption (None: this one alone)
+        self._preempted: Preemption | None = None
 
     # --- what users look for ------------------------------------------------------------------
 
@@ -142,6 +165,12 @@ class Checkpointing(TrainerCallback):
                 return os.fspath(self.output_dir / strategy.filename) if self.output_dir else strategy.filename
         return ""
 
+    @property
+    def preempted(self) -> Preemption | None:
+        """None until a preemption save (``save_on``) of the latest ``train()`` is committed; then
+        its ``Preemption`` record (signals, epoch, global step, paths), which is truthy."""
+        return self._preempted
+
     def __repr__(self) -> str:
         count = len(self.config.strategies)
         return f"Checkpointing({count} {'strategy' if count == 1 else 'strategies'}, output_dir={self.output_dir!r})"
@@ -156,12 +185,21 @@ class Checkpointing(TrainerCallback):
         does not resume judges against files of an earlier run unless ``resume=False``.
         """
         _check_supported(args)
+        if self._watching:
+            check_main_thread("save_on")
+        self._close_watch()  # one left by a train() that raised
         self._training = False
         self._pending = None
+        self._preempted = None
         self._last_step_decided = state.global_step
-        self.output_dir = self._given if self._given is not None else pathlib.Path(args.output_dir, "ckptfn")
-        if not state.is_world_process_zero:
-            return
+        self.output_dir = self._given if self._given is not None else location(os.fspath(args.output_dir)) / "ckptfn"
+        if state.is_world_process_zero:
+            self._take_bests_from_files(state)
+        if self._watching:  # last: nothing above can fail with it installed
+            self._ranks = find_group()
+            self._watch = SignalWatch(self.config.save_on)
+
+    def _take_bests_from_files(self, state) -> None:
         on_disk = kit.restore_from_directory(self.config, self.output_dir)
         found = [s.filename for s, b in zip(self.config.strategies, on_disk.bests) if b.epoch is not None]
         starts_fresh = all(best.epoch is None for best in self.state.bests)
@@ -186,16 +224,37 @@ class Checkpointing(TrainerCallback):
         self._training = True
 
     def on_train_end(self, args, state, control, **kwargs) -> None:
+        """Put back the signal handlers ``save_on`` replaced (a signal no safe point saw is a WARNING)."""
         self._training = False
+        self._close_watch()
+
+    def on_step_end(self, args, state, control, **kwargs) -> None:
+        """A safe point for ``save_on`` (every process, after each optimizer step): after a signal,
+        every ``Every``'s file now, then stop."""
+        if self._preemption_requested():
+            with self._closing_on_error():
+                self._preempt(args, state, control, kwargs)
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs) -> None:
-        """Decide on the evaluation's metrics and write what improved (world process zero)."""
-        if not self._training or not state.is_world_process_zero:
-            return
+        """Decide on the evaluation's metrics and write what improved (world process zero); a
+        safe point for ``save_on`` too (every process)."""
+        preempted = self._preemption_requested()
+        with self._closing_on_error():
+            decision = self._collect(state, metrics) if self._training and state.is_world_process_zero else None
+            if preempted and decision is not None:
+                self._checkpoint(decision, args, state, kwargs, control=control)
+            elif preempted:
+                self._preempt(args, state, control, kwargs)
+            elif decision is not None:
+                self._checkpoint(decision, args, state, kwargs)
+
+    def _collect(self, state, metrics) -> dict | None:
+        """The metrics of one decision at this global step, once its ``evaluations`` came (None
+        before, or when this step is decided already)."""
         at = state.global_step
         if at <= self._last_step_decided:
             logger.debug("ckptfn: evaluation at global step %d not decided (decided already, or no step yet)", at)
-            return
+            return None
         seen, calls = {}, 0
         if self._pending is not None and self._pending[0] == at:
             _, seen, calls = self._pending
@@ -208,26 +267,78 @@ class Checkpointing(TrainerCallback):
         seen, calls = {**seen, **trainer_metrics(metrics or {})}, calls + 1
         if calls < self._evaluations:
             self._pending = (at, seen, calls)
-            return
+            return None
         self._pending = None
         self._last_step_decided = at
-        self._checkpoint(seen, args, state, kwargs)
+        return seen
 
     # --- the decision and the write -------------------------------------------------------------
 
-    def _checkpoint(self, metrics: dict, args, state, objects: Mapping) -> None:
+    def _checkpoint(self, metrics: dict, args, state, objects: Mapping, *, control=None) -> None:
+        """The decision (``step``; with ``control``, a preempted one: the preemption save too)."""
         if self._in_doubt:  # an interrupt escaped a write: the files say what holds
             self.state, self._in_doubt = kit.restore_from_directory(self.config, self.output_dir), False
         old = self.state
         new, actions = step(
             old, _with_chart_names(metrics, self.config), int(state.epoch or 0),
-            global_step=state.global_step, now=time.monotonic(),
+            global_step=state.global_step, now=time.monotonic(), preempted=control is not None,
         )
-        saves, _ = kit.partition(actions)
         self._seen_skips = kit.report_skips(self._seen_skips, actions, stacklevel=kit.user_stacklevel(skip=_FRAMEWORKS))
+        if control is not None:
+            self._save_preempted(old, new, actions, metrics, args, state, objects, control)
+            return
+        self._save(old, new, actions, metrics, args, state, objects)
+
+    # --- preemption (save_on) -----------------------------------------------------------------
+
+    def _preemption_requested(self) -> bool:
+        """Whether a ``save_on`` signal came, to any process: the flag alone in one process, else
+        one collective (every process reaches the same safe points). False, with no collective,
+        while no watch is installed (the same everywhere: outside ``train()``, or without ``save_on``)."""
+        return self._watch is not None and self._watch.requested_on(self._ranks)
+
+    def _preempt(self, args, state, control, objects: Mapping) -> None:
+        """Between decisions: every ``Every``'s file now (``preempt``; written by world process
+        zero), then stop, on every process."""
+        if self._in_doubt and state.is_world_process_zero:
+            self.state, self._in_doubt = kit.restore_from_directory(self.config, self.output_dir), False
+        old = self.state
+        new, actions = kit.preempt(old, int(state.epoch or 0), global_step=state.global_step, now=time.monotonic())
+        self._save_preempted(old, new, actions, None, args, state, objects, control)
+
+    def _save_preempted(self, old, new, actions, metrics, args, state, objects: Mapping, control) -> None:
+        """The preemption save (the write inside ``deferred``, on world process zero), its record,
+        and the stop; nothing more is decided at this global step."""
+        self._last_step_decided = max(self._last_step_decided, state.global_step)
+        self._pending = None
+        if state.is_world_process_zero:
+            with self._watch.deferred():
+                paths = self._save(old, new, actions, metrics, args, state, objects)
+        else:  # the names world process zero writes
+            paths = tuple(self.output_dir / action.filename for action in kit.partition(actions)[0])
+        self._preempted = honour_preemption(self._watch, actions, paths, loud=state.is_world_process_zero)
+        control.should_training_stop = True
+
+    def _close_watch(self) -> None:
+        watch, self._watch = self._watch, None
+        if watch is not None:
+            watch.close()
+
+    @contextlib.contextmanager
+    def _closing_on_error(self):
+        """An exception leaving a hook ends ``train()`` without ``on_train_end``: the handlers go back first."""
+        try:
+            yield
+        except BaseException:
+            self._close_watch()
+            raise
+
+    def _save(self, old: State, new: State, actions: tuple, metrics: dict | None, args, state, objects: Mapping) -> tuple:
+        """Plan, the one write, the commit rule, then the hooks (world process zero); the paths written."""
+        saves, _ = kit.partition(actions)
         if not saves:
             self.state = new
-            return
+            return ()
         payload = trainer_payload(
             objects.get("model"), state, optimizer=objects.get("optimizer"),
             lr_scheduler=objects.get("lr_scheduler"), model_only=bool(getattr(args, "save_only_model", False)),
@@ -240,6 +351,7 @@ class Checkpointing(TrainerCallback):
         if written.error is not None:
             raise _explained(written.error)
         kit.notify(self._hooks, saves, written.paths)
+        return tuple(written.paths)
 
 
 def trainer_metrics(metrics: Mapping) -> dict[str, float]:

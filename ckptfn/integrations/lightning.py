@@ -21,6 +21,12 @@ It is written once per decision whatever the number of names (hard links), atomi
 by global rank 0, after every rank took the same decision from rank 0's metrics. After
 each committed write, rank 0 tells the ``on_saved`` hooks and the loggers
 (``logger.after_save_checkpoint``, as ``ModelCheckpoint`` does).
+
+``dirpath`` may be an fsspec URL (``s3://bucket/run``): the files are then objects of the
+store, written by ckptfn's object-store protocol (one upload per decision, the other names
+server-side copies), and ``fit(ckpt_path=...)`` reads them through Lightning's own fsspec
+loading. ``save_on=("SIGTERM", "SIGUSR1")`` turns a preemption signal into one complete
+``last`` file at the next safe point, then a clean stop (``ckptfn.shells.preemption``).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import math
 import os
 import time
 import pathlib
+import signal
 import types
 import warnings
 import weakref
@@ -51,11 +58,13 @@ from ckptfn.core.snapshot import partition
 from ckptfn.core.state import Best, State, restore, resume_state
 from ckptfn.core.strategy import Strategy
 from ckptfn.core.summary import count_of
-from ckptfn.core.step import best_values, init, step, step_between_validations
+from ckptfn.core.step import best_values, init, preempt, step, step_between_validations
 from ckptfn.core.step import between_validations as _between
 from ckptfn.integrations import lightning_internals
+from ckptfn.io.objectstore import is_remote, location, store_for
 from ckptfn.io.read import restore_from_directory
 from ckptfn.io.write import write
+from ckptfn.shells.preemption import Preemption, SignalWatch, check_main_thread, honour_preemption, with_save_on
 from ckptfn.shells.recipe import hooks_of, notify, plan, report_skips, state_to_keep, trackers_of, user_stacklevel
 
 __all__ = ["BestFiles", "Checkpointing", "step_between_validations"]
@@ -131,9 +140,10 @@ class Checkpointing(Checkpoint):
         strategies: a ``Config``, a ``Strategy``/``Every``, a list of them, or anything
             ``Config.from_mapping`` accepts (lists of dicts, Hydra configs). Metric names
             are the keys of ``trainer.callback_metrics`` (what ``self.log`` logged).
-        dirpath: a local directory for the files. ``None``: like ``ModelCheckpoint``,
-            ``<logger save_dir>/<name>/<version>/checkpoints``, or
-            ``<default_root_dir>/checkpoints`` without a logger.
+        dirpath: a local directory for the files, or an fsspec URL (``s3://bucket/run``,
+            ``memory://run``: the files are then objects of that store, ``ckptfn.io.remote``).
+            ``None``: like ``ModelCheckpoint``, ``<logger save_dir>/<name>/<version>/checkpoints``,
+            or ``<default_root_dir>/checkpoints`` without a logger (a URL too, when that is one).
         save_on_train_epoch_end: decide at the end of the training epoch (``True``) or
             after each validation (``False``); ``None`` chooses like ``ModelCheckpoint``
             (at the training epoch's end when validation runs once per epoch or never).
@@ -149,6 +159,22 @@ class Checkpointing(Checkpoint):
         on_saved: a callable (or a list of them) called on global rank 0 with a
             ``ckptfn.kit.Saved`` event for every name of every committed write, as with
             ``CheckpointManager(on_saved=...)``; the config's ``trackers`` are added.
+        save_on: signals that announce a preemption (``("SIGTERM", "SIGUSR1")``, names or
+            numbers), added to the config's ``save_on``; the config needs an ``Every``. From the
+            start of training to its end (``on_train_start`` .. ``on_train_end``) their handlers
+            only record the signal, in place of Lightning's own (which for SIGTERM ends ``fit``
+            with ``SIGTERMException``, and under SLURM auto-requeue saves inside the signal
+            handler: neither is called for it), then call the Python handlers installed before
+            ``fit``, as ``CheckpointManager`` does; those are back once training ends (also
+            when ``fit`` fails). At the next safe point (the end of a training batch
+            that completed an optimizer step, or a decision: validation or epoch end) every
+            ``Every`` strategy's file is written at once, whatever its period (at a decision with
+            whatever improved, one write), ``preempted`` is set and ``trainer.should_stop`` too:
+            ``fit`` returns. Nothing more is decided at that global step (a validation Lightning
+            runs before it stops saves nothing). Under several processes the ranks agree on the
+            flag (one ``reduce_boolean_decision`` per safe point), so a signal to any rank stops
+            all of them at the same step. As with ``EarlyStopping``, Lightning does not stop
+            before ``min_epochs``/``min_steps``.
 
     The decision is ``ckptfn.step`` on ``trainer.callback_metrics`` (as broadcast from
     global rank 0) at ``trainer.current_epoch``; nothing is decided during the sanity
@@ -193,6 +219,7 @@ class Checkpointing(Checkpoint):
         resume: bool | None = None,
         save_weights_only: bool = False,
         on_saved: object = None,
+        save_on: object = None,
     ) -> None:
         super().__init__()
         if resume not in (None, True, False):
@@ -200,12 +227,11 @@ class Checkpointing(Checkpoint):
         if not isinstance(save_weights_only, bool):
             raise TypeError(f"save_weights_only: expected True or False, got {save_weights_only!r}")
         self._resume = resume
-        self.config: Config = as_config(strategies)
-        if dirpath is not None and "://" in os.fspath(dirpath):
-            raise ValueError(f"dirpath: ckptfn writes local files, got the URL {os.fspath(dirpath)!r}")
+        self.config: Config = with_save_on(as_config(strategies), save_on)
         if save_on_train_epoch_end not in (None, True, False):
             raise TypeError(f"save_on_train_epoch_end: expected None, True or False, got {save_on_train_epoch_end!r}")
-        self._dirpath_given = None if dirpath is None else pathlib.Path(dirpath)
+        self._dirpath_given = None if dirpath is None else location(dirpath)
+        #: where the files go: a ``pathlib.Path``, or a ``RemotePath`` (a URL) for an object store
         self.dirpath: pathlib.Path | None = self._dirpath_given
         self.state: State = init(self.config)
         #: Like ``ModelCheckpoint.save_weights_only``: files without optimizer and callback states.
@@ -223,6 +249,10 @@ class Checkpointing(Checkpoint):
         #: Set while rank 0 writes and the outcome is shared: if anything escapes in between
         #: (an interrupt ends ``fit``), the next ``fit`` takes the state from the files.
         self._in_doubt = False
+        self._watching = self.config.active and bool(self.config.save_on)
+        self._watch: SignalWatch | None = None  # installed while training runs (save_on)
+        self._preempted: Preemption | None = None
+        self._last_safe_step = 0  # the global step of the last preemption check after a batch
         _resolve_special_ckpt_paths()
 
     # --- Lightning hooks ------------------------------------------------------------------
@@ -233,8 +263,10 @@ class Checkpointing(Checkpoint):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         _check_supported(trainer.strategy)
+        if self._watching and stage == TrainerFn.FITTING:
+            check_main_thread("save_on")  # before any collective: every rank fails alike
         dirpath = self._dirpath_given if self._dirpath_given is not None else _default_dirpath(trainer)
-        self.dirpath = pathlib.Path(trainer.strategy.broadcast(os.fspath(dirpath), src=0))
+        self.dirpath = location(trainer.strategy.broadcast(os.fspath(dirpath), src=0))
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Reconcile the state with the files (read on global rank 0, then broadcast).
@@ -272,6 +304,26 @@ class Checkpointing(Checkpoint):
         self._in_doubt = False
         if self._timed:
             self.state = _clock_started(self.state, trainer.strategy.broadcast(time.monotonic(), src=0))
+        self._last_safe_step = trainer.global_step
+        self._preempted = None
+        if self._watching and not trainer.fast_dev_run:
+            self._close_watch()
+            self._watch = _watch_in_place_of_lightnings(trainer, self.config.save_on)  # last: nothing above can fail
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Put back the signal handlers ``save_on`` replaced (a signal no safe point saw is a WARNING)."""
+        self._close_watch()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._close_watch()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._close_watch()
+
+    def _close_watch(self) -> None:
+        watch, self._watch = self._watch, None
+        if watch is not None:
+            watch.close()
 
     def _files_state(self, trainer: pl.Trainer) -> State:
         """What the files in ``dirpath`` say, read on global rank 0; its refusal (a file it cannot
@@ -290,8 +342,14 @@ class Checkpointing(Checkpoint):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: object, batch: object, batch_idx: int
     ) -> None:
-        """Decide the step and time periods (``step_between_validations``) when no decision
-        follows at this global step; a validation or epoch end that follows decides them."""
+        """A safe point for ``save_on`` (after an optimizer step); then decide the step and time
+        periods (``step_between_validations``) when no decision follows at this global step; a
+        validation or epoch end that follows decides them."""
+        if self._watch is not None and trainer.global_step > self._last_safe_step:  # not mid-accumulation
+            self._last_safe_step = trainer.global_step
+            if self._preemption_requested(trainer):
+                self._preempt(trainer)
+                return
         if not self._between or self._skips_between(trainer):
             return
         now = time.monotonic()
@@ -356,7 +414,7 @@ class Checkpointing(Checkpoint):
                     f'or pass the file to resume from: ckpt_path="{example}"'
                 )
             path = directory / every.filename
-            if path.is_file():
+            if _is_file(path):
                 return os.fspath(path)
             warnings.warn(
                 f'.{fn}(ckpt_path="last"): there is no last checkpoint at {path} yet, so {fn} starts from the '
@@ -373,7 +431,7 @@ class Checkpointing(Checkpoint):
                     f"checkpoint; pass the file to load: ckpt_path=PATH"
                 )
             path = directory / strategy.filename
-            if path.is_file():
+            if _is_file(path):
                 return os.fspath(path)
             raise ValueError(
                 f'.{fn}(ckpt_path="best"): there is no best checkpoint at {path} yet; pass the file to load: '
@@ -387,6 +445,12 @@ class Checkpointing(Checkpoint):
     def best_values(self) -> dict[str, float | None]:
         """filename -> best value saved so far (None before the first save)."""
         return best_values(self.state)
+
+    @property
+    def preempted(self) -> Preemption | None:
+        """None until a preemption save (``save_on``) of the latest ``fit`` is committed; then
+        its ``Preemption`` record (signals, epoch, global step, paths), which is truthy."""
+        return self._preempted
 
     @property
     def bests_by_filename(self) -> dict[str, BestFiles]:
@@ -440,7 +504,7 @@ class Checkpointing(Checkpoint):
         """Lightning's spawn and fork launchers hand rank 0's best path back to the main
         process, whose callback did not train: it then rebuilds its state from the files."""
         if path:
-            self.dirpath = pathlib.Path(path).parent
+            self.dirpath = location(path).parent
         if self.dirpath is not None:
             self.state = restore_from_directory(self.config, self.dirpath)
 
@@ -531,23 +595,63 @@ class Checkpointing(Checkpoint):
 
     def _checkpoint(self, trainer: pl.Trainer) -> None:
         if self._skips(trainer):
+            if not self._sanity_or_not_fitting(trainer) and self._preemption_requested(trainer):
+                self._preempt(trainer)  # decided at this step already: the preemption save alone
             return
+        preempted = self._preemption_requested(trainer)  # a safe point: every rank, the same step
         self._last_global_step_decided = trainer.global_step
         # rank 0's metrics and clock, so that every rank takes the same decision
         metrics, now = trainer.strategy.broadcast((plain_metrics(trainer.callback_metrics), time.monotonic()), src=0)
         old = self.state
-        new, actions = step(old, metrics, trainer.current_epoch, global_step=trainer.global_step, now=now)
+        new, actions = step(
+            old, metrics, trainer.current_epoch, global_step=trainer.global_step, now=now, preempted=preempted
+        )
         self._seen_skips = report_skips(
             self._seen_skips, actions, stacklevel=user_stacklevel(skip=("lightning", "torch")), loud=trainer.is_global_zero
         )
+        if preempted:
+            self._save_preempted(trainer, old, new, actions, metrics)
+            return
         self._carry_out(trainer, old, new, actions, metrics)
 
-    def _carry_out(self, trainer: pl.Trainer, old: State, new: State, actions: tuple, metrics: Mapping) -> None:
-        """Plan, the one write (on global rank 0), the commit rule; then the hooks and loggers."""
+    # --- preemption (save_on) -----------------------------------------------------------------
+
+    def _sanity_or_not_fitting(self, trainer: pl.Trainer) -> bool:
+        return bool(trainer.fast_dev_run) or trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking
+
+    def _preemption_requested(self, trainer: pl.Trainer) -> bool:
+        """Whether a ``save_on`` signal came, to any rank: the flag alone in one process, else one
+        collective (every rank reaches the same safe points). False, with no collective, while
+        no watch is installed (the same on every rank: outside training, or without ``save_on``)."""
+        if self._watch is None:
+            return False
+        return self._watch.requested_on(None if trainer.world_size == 1 else _StrategyRanks(trainer.strategy))
+
+    def _preempt(self, trainer: pl.Trainer) -> None:
+        """Between decisions: every ``Every``'s file now (``preempt``), then stop."""
+        now = time.monotonic()
+        if self._timed:
+            now = trainer.strategy.broadcast(now, src=0)
+        old = self.state
+        new, actions = preempt(old, trainer.current_epoch, global_step=trainer.global_step, now=now)
+        self._save_preempted(trainer, old, new, actions, plain_metrics(trainer.callback_metrics))
+
+    def _save_preempted(self, trainer: pl.Trainer, old: State, new: State, actions: tuple, metrics: Mapping) -> None:
+        """The preemption save (the write inside ``deferred``), its record, and the stop; nothing
+        more is decided at this global step."""
+        self._last_global_step_decided = self._last_global_step_between = trainer.global_step
+        with self._watch.deferred():
+            paths = self._carry_out(trainer, old, new, actions, metrics)
+        self._preempted = honour_preemption(self._watch, actions, paths, loud=trainer.is_global_zero)
+        trainer.should_stop = True
+
+    def _carry_out(self, trainer: pl.Trainer, old: State, new: State, actions: tuple, metrics: Mapping) -> tuple:
+        """Plan, the one write (on global rank 0), the commit rule; then the hooks and loggers.
+        The paths of the names written (on every rank)."""
         saves, _ = partition(actions)
         if not saves:
             self.state = new
-            return
+            return ()
         checkpoint = lightning_internals.dump_checkpoint(trainer, weights_only=self.save_weights_only)  # every rank
         if isinstance(checkpoint.get("callbacks"), dict):
             checkpoint["callbacks"][self.state_key] = new.to_dict()  # the state after this save
@@ -563,11 +667,12 @@ class Checkpointing(Checkpoint):
         if report is None:
             self.state, self._in_doubt = new, False
             self._current_score = _current_score(self.config, saves, self._current_score)
-            if written is not None:  # global rank 0
-                notify(self._hooks, saves, written.paths)
-                for logger in trainer.loggers:  # as ModelCheckpoint._save_checkpoint does
-                    logger.after_save_checkpoint(weakref.proxy(self._for_loggers))
-            return
+            if written is None:  # another rank: the names rank 0 wrote
+                return tuple(self.dirpath / name for name in snapshot.filenames)
+            notify(self._hooks, saves, written.paths)
+            for logger in trainer.loggers:  # as ModelCheckpoint._save_checkpoint does
+                logger.after_save_checkpoint(weakref.proxy(self._for_loggers))
+            return tuple(written.paths)
         self.state, self._in_doubt = restore(self.config, report[1]), False  # the same on every rank
         if error is not None:
             raise error
@@ -697,13 +802,48 @@ def weights_only_checkpoint(checkpoint: dict) -> dict:
 
 
 def _default_dirpath(trainer: pl.Trainer) -> pathlib.Path:
-    """Where ``ModelCheckpoint`` would write without a ``dirpath``."""
+    """Where ``ModelCheckpoint`` would write without a ``dirpath`` (a ``RemotePath`` when the
+    logger's ``save_dir`` or the trainer's ``default_root_dir`` is a URL)."""
     if trainer.loggers:
         first = trainer.loggers[0]
         save_dir = first.save_dir if first.save_dir is not None else trainer.default_root_dir
         version = first.version if isinstance(first.version, str) else f"version_{first.version}"
-        return pathlib.Path(save_dir, str(first.name), version, "checkpoints")
-    return pathlib.Path(trainer.default_root_dir, "checkpoints")
+        return location(os.fspath(save_dir)) / str(first.name) / version / "checkpoints"
+    return location(os.fspath(trainer.default_root_dir)) / "checkpoints"
+
+
+def _is_file(path: str | os.PathLike) -> bool:
+    """Whether a checkpoint file (or, for a URL, an object) is at ``path``."""
+    if is_remote(path):
+        store, key = store_for(path)
+        return store.size(key) is not None
+    return pathlib.Path(path).is_file()
+
+
+def _watch_in_place_of_lightnings(trainer: pl.Trainer, save_on: tuple[str, ...]) -> SignalWatch:
+    """The ``SignalWatch`` of ``save_on``, installed in place of the handlers Lightning's signal
+    connector installed for this ``fit`` (its SIGTERM one ends ``fit`` with ``SIGTERMException``,
+    its SLURM requeue one saves inside the handler): chained to the handlers from before ``fit``,
+    as every shell chains to the previous ones. Where this Lightning does not say which those
+    were, it chains to none (``chain=False``); ``close`` then puts Lightning's back."""
+    numbers = [signal.Signals[name] for name in save_on]
+    before = lightning_internals.handlers_before_fit(trainer, numbers)
+    if before is None or not all(callable(h) or h in (signal.SIG_DFL, signal.SIG_IGN) for h in before.values()):
+        return SignalWatch(save_on, chain=False)
+    for number, handler in before.items():
+        signal.signal(number, handler)  # Lightning puts back these same ones when fit ends
+    return SignalWatch(save_on)
+
+
+class _StrategyRanks:
+    """What ``SignalWatch.requested_on`` needs, over Lightning's own collective: whether a flag
+    is true on any rank, on every rank (one ``reduce_boolean_decision``, a sum all-reduce)."""
+
+    def __init__(self, strategy: LightningStrategy) -> None:
+        self.strategy = strategy
+
+    def agree(self, flag: bool) -> bool:
+        return bool(self.strategy.reduce_boolean_decision(bool(flag), all=False))
 
 
 def _check_supported(strategy: LightningStrategy) -> None:

@@ -15,6 +15,9 @@ What is used, and why:
   and resolves "best" from ``trainer.checkpoint_callback.best_model_path``.
   ``resolve_special_ckpt_paths`` wraps it so that a checkpoint callback with a
   ``resolve_ckpt_path(trainer, name, fn)`` method resolves these names itself.
+- ``trainer._signal_connector._original_handlers``: the signal handlers from before ``fit``
+  (Lightning's connector replaced them with its own, and puts them back when ``fit`` ends):
+  ``save_on`` chains to those, not to Lightning's (``handlers_before_fit``).
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ import inspect
 import os
 import warnings
 
-__all__ = ["dump_checkpoint", "resolve_special_ckpt_paths", "val_check_time_interval", "validation_follows"]
+__all__ = [
+    "dump_checkpoint", "handlers_before_fit", "resolve_special_ckpt_paths", "val_check_time_interval", "validation_follows",
+]
 
 #: The ``ckpt_path`` names a callback with ``resolve_ckpt_path`` resolves.
 SPECIAL_CKPT_PATHS = ("last", "best")
@@ -50,6 +55,16 @@ def validation_follows(trainer: object) -> bool:
     if getattr(epoch_loop, "_skip_next_val", False):
         return False
     return bool(epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher))
+
+
+def handlers_before_fit(trainer: object, numbers: list[int]) -> dict[int, object] | None:
+    """The handler each signal of ``numbers`` had before Lightning's signal connector installed its
+    own for this ``fit`` (``trainer._signal_connector._original_handlers``); None when this
+    Lightning does not record them."""
+    originals = getattr(getattr(trainer, "_signal_connector", None), "_original_handlers", None)
+    if not isinstance(originals, dict) or not all(number in originals for number in numbers):
+        return None
+    return {number: originals[number] for number in numbers}
 
 
 def resolve_special_ckpt_paths() -> bool:
@@ -107,7 +122,7 @@ def resolve_special_ckpt_paths() -> bool:
             if theirs:
                 found.append(theirs)
         if found:
-            return max(found, key=lambda path: os.stat(path).st_mtime)
+            return found[0] if len(found) == 1 else max(found, key=_modified)
         if refusals:
             raise refusals[0]
         return None  # each callback said why (a warning), as Lightning does for ModelCheckpoint
@@ -115,6 +130,16 @@ def resolve_special_ckpt_paths() -> bool:
     _parse_ckpt_path._ckptfn_resolves = True
     _CheckpointConnector._parse_ckpt_path = _parse_ckpt_path
     return True
+
+
+def _modified(path: str) -> float:
+    """When the checkpoint at ``path`` (a local file, or an object for a URL) was last written."""
+    from ckptfn.io.objectstore import is_remote, store_for
+
+    if is_remote(path):
+        store, key = store_for(path)
+        return store.modified(key).timestamp()
+    return os.stat(path).st_mtime
 
 
 def _has_exception_checkpoint(trainer: object) -> bool:

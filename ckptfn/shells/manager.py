@@ -18,7 +18,6 @@ import pathlib
 import time
 from collections.abc import Mapping
 
-from ckptfn.core.actions import Periodic
 from ckptfn.core.commit import roll_back
 from ckptfn.core.config import Config, as_config
 from ckptfn.core.errors import CheckpointError, CheckpointNotFoundError, CheckpointWriteError
@@ -35,7 +34,7 @@ from ckptfn.io.write import interrupts_deferred, serialization_context, versions
 from ckptfn.shells.async_ranks import AsyncCoordinator
 from ckptfn.shells.background import AsyncExecutor, ClosesOnExit, raise_as_write_error
 from ckptfn.shells.distributed import SOLO, Coordinator, find_group
-from ckptfn.shells.preemption import Preemption, SignalWatch, check_main_thread, with_save_on
+from ckptfn.shells.preemption import Preemption, SignalWatch, check_main_thread, honour_preemption, with_save_on
 from ckptfn.shells.recipe import hooks_of, notify, plan, report_skips, state_to_keep, trackers_of, utc_now
 
 __all__ = ["CheckpointManager"]
@@ -254,18 +253,7 @@ class CheckpointManager(ClosesOnExit):
 
     def _honour(self, actions, paths, *, loud: bool = True) -> None:
         """A committed preemption save: record it, so the loop can stop (and say so, on rank 0)."""
-        periodic = next((action for action in actions if isinstance(action, Periodic)), None)
-        self._preempted = self._watch.honour(
-            epoch=None if periodic is None else periodic.epoch,
-            global_step=None if periodic is None else periodic.global_step,
-            paths=paths,
-        )
-        if loud:
-            logger.warning(
-                "preempted (%s): saved %s; stop the training loop",
-                ", ".join(self._preempted.signals) or "a signal to another rank",
-                ", ".join(path.name for path in self._preempted.paths),
-            )
+        self._preempted = honour_preemption(self._watch, actions, paths, loud=loud)
 
     def _decide_and_save(
         self, coordinator, decide, metrics_dict, model_state_dict, position, barrier: bool, preempted: bool

@@ -14,7 +14,8 @@ only records the signal, and the shell acts on the record at its next safe point
    (``last.pt``) now, whatever its period and the metrics;
 3. the usual recipe inside ``watch.deferred()``: ``plan``, the one ``write``, the commit
    rule (``ckptfn.shells.recipe``);
-4. ``watch.honour(...)`` once committed: the ``Preemption`` record; the loop stops.
+4. ``watch.honour(...)`` once committed (``honour_preemption`` takes it from the save's
+   actions): the ``Preemption`` record; the loop stops.
 
 The rules, which every shell inherits from ``SignalWatch``:
 
@@ -39,7 +40,7 @@ An integration (a Lightning or Hugging Face callback) follows the same four step
         with watch.deferred():
             ...                                       # partition, plan, write, state_to_keep
         written.raise_error()
-        record = watch.honour(epoch=epoch, global_step=step, paths=written.paths)
+        record = honour_preemption(watch, actions, written.paths)  # watch.honour at the save's position
         trainer.should_stop = True                    # or control.should_training_stop
     watch.close()                                     # teardown
 
@@ -60,10 +61,12 @@ from collections.abc import Callable, Iterable, Iterator
 
 import attrs
 
+from ckptfn.core.actions import Periodic
 from ckptfn.core.config import Config
 from ckptfn.core.errors import ConfigError
+from ckptfn.io.objectstore import location
 
-__all__ = ["Preemption", "SignalWatch", "check_main_thread", "signal_names", "with_save_on"]
+__all__ = ["Preemption", "SignalWatch", "check_main_thread", "honour_preemption", "signal_names", "with_save_on"]
 
 logger = logging.getLogger("ckptfn")
 
@@ -75,12 +78,15 @@ class Preemption:
 
     >>> Preemption(("SIGTERM",), epoch=3, global_step=1200, paths=("run/last.pt",))
     Preemption(signals=('SIGTERM',), epoch=3, global_step=1200, paths=(PosixPath('run/last.pt'),))
+    >>> Preemption((), paths=["s3://bucket/run/last.pt"]).paths[0].name  # a URL stays a URL
+    'last.pt'
     """
 
     signals: tuple[str, ...] = attrs.field(converter=tuple)
     epoch: int | None = None
     global_step: int | None = None
-    paths: tuple[pathlib.Path, ...] = attrs.field(default=(), converter=lambda paths: tuple(map(pathlib.Path, paths)))
+    #: local ``pathlib.Path`` objects, or ``RemotePath`` URLs for a remote directory (``s3://...``)
+    paths: tuple[pathlib.Path, ...] = attrs.field(default=(), converter=lambda paths: tuple(map(location, paths)))
 
 
 def signal_names(save_on: object) -> tuple[str, ...]:
@@ -273,7 +279,8 @@ class SignalWatch:
         self.closed = True
         if self.requested:
             logger.warning(
-                "%s came after the last safe point (update / check_preemption) and no preemption save was made for it",
+                "%s came after the last safe point (update / check_preemption, or a callback's step or evaluation end) "
+                "and no preemption save was made for it",
                 ", ".join(self.pending),
             )
         if threading.current_thread() is not threading.main_thread():
@@ -285,3 +292,34 @@ class SignalWatch:
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"pending={self.pending!r}"
         return f"SignalWatch({list(self.signals)!r}, {state})"
+
+
+def honour_preemption(watch: SignalWatch, actions: Iterable, paths: Iterable, *, loud: bool = True) -> Preemption:
+    """Step 4 of the protocol, after the preemption save committed: ``watch.honour`` at the
+    position (epoch, global step) of the save's ``Periodic`` actions, and, when ``loud`` (rank
+    0), a WARNING on the ``ckptfn`` logger that the loop should stop. The ``Preemption`` record.
+
+    >>> import os
+    >>> from ckptfn.core.every import Every
+    >>> from ckptfn.core.step import init, preempt
+    >>> watch = SignalWatch(["SIGUSR1"])
+    >>> os.kill(os.getpid(), signal.SIGUSR1)
+    >>> _, actions = preempt(init([Every(filename="last.pt")]), 2, global_step=40)
+    >>> honour_preemption(watch, actions, ["run/last.pt"], loud=False)
+    Preemption(signals=('SIGUSR1',), epoch=2, global_step=40, paths=(PosixPath('run/last.pt'),))
+    >>> watch.requested, watch.close()
+    (False, None)
+    """
+    periodic = next((action for action in actions if isinstance(action, Periodic)), None)
+    record = watch.honour(
+        epoch=None if periodic is None else periodic.epoch,
+        global_step=None if periodic is None else periodic.global_step,
+        paths=paths,
+    )
+    if loud:
+        logger.warning(
+            "preempted (%s): saved %s; stop the training loop",
+            ", ".join(record.signals) or "a signal to another rank",
+            ", ".join(path.name for path in record.paths),
+        )
+    return record

@@ -34,6 +34,7 @@ from ckptfn.core.summary import skip_line
 from ckptfn.core.snapshot import Snapshot, plan_snapshot
 from ckptfn.core.state import State
 from ckptfn.core.step import new_skips
+from ckptfn.io.objectstore import is_remote, store_for
 from ckptfn.io.read import restore_from_directory
 from ckptfn.io.write import Written, versions
 
@@ -157,7 +158,26 @@ def trackers_of(config: object) -> tuple[Callable, ...]:
 
 
 def size_on_disk(path: str | os.PathLike) -> int:
-    """The bytes of a checkpoint file, or of the regular files of a sharded checkpoint tree."""
+    """The bytes of a checkpoint file, or of the regular files of a sharded checkpoint tree; for a
+    URL (``s3://...``), the object's size (``FileNotFoundError`` when there is none).
+
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as directory:
+    ...     _ = pathlib.Path(directory, "a.pt").write_bytes(bytes(12))
+    ...     size_on_disk(f"{directory}/a.pt")
+    12
+    """
+    if is_remote(path):
+        try:
+            store, key = store_for(path)
+            size = store.size(key)
+        except OSError:
+            raise
+        except Exception as error:  # noqa: BLE001 - the store's own errors (network, credentials) as OSError
+            raise OSError(f"{path}: {type(error).__name__}: {error}") from error
+        if size is None:
+            raise FileNotFoundError(f"{path}: no such object")
+        return size
     path = pathlib.Path(path)
     if not path.is_dir():
         return path.stat().st_size

@@ -401,7 +401,9 @@ def test_several_evaluation_datasets_make_one_decision_and_one_write(tmp_path, m
 def test_bad_arguments_are_refused():
     with pytest.raises(TypeError, match="resume"):
         Checkpointing([Strategy("eval_loss")], resume="yes")
-    with pytest.raises(ValueError, match="URL"):
-        Checkpointing([Strategy("eval_loss")], "s3://bucket/run")
+    with pytest.raises(ckptfn.ConfigError, match="save_on: a preemption save writes the config's Every strategies"):
+        Checkpointing([Strategy("eval_loss")], save_on="SIGTERM")
+    remote = Checkpointing([Strategy("eval_loss")], "s3://bucket/run")  # a URL: an object store (tests/remote)
+    assert remote.output_dir == "s3://bucket/run" and remote.output_dir / "x.pt" == "s3://bucket/run/x.pt"
     with pytest.raises(ValueError, match="evaluations"):
         Checkpointing([Strategy("eval_loss")], evaluations=0)

@@ -378,8 +378,12 @@ def test_strategies_that_save_their_own_way_are_refused(tmp_path):
 def test_bad_arguments_are_rejected_early():
     with pytest.raises(ckptfn.ConfigError, match=r"\[0\]\.mode"):
         Checkpointing([{"metric_name": "val_loss", "mode": "minimum"}])
-    with pytest.raises(ValueError, match="local files"):
-        Checkpointing(STRATEGIES, dirpath="s3://bucket/run")
+    with pytest.raises(ckptfn.ConfigError, match="save_on: a preemption save writes the config's Every strategies"):
+        Checkpointing(STRATEGIES[:1], save_on="SIGTERM")
+    with pytest.raises(ckptfn.ConfigError, match=r"save_on\[0\]: 'SIGFOO' is not a signal of this platform"):
+        Checkpointing(STRATEGIES, save_on=["SIGFOO"])
+    remote = Checkpointing(STRATEGIES, dirpath="s3://bucket/run")  # a URL: an object store (tests/remote)
+    assert remote.dirpath == "s3://bucket/run" and remote.dirpath / "last.ckpt" == "s3://bucket/run/last.ckpt"
 
 
 def test_importing_ckptfn_does_not_import_lightning():
