@@ -37,7 +37,7 @@ from ckptfn.io.fs import REAL, FileSystem
 from ckptfn.io.read import load_checkpoint, read_metadata, restore_from_directory
 from ckptfn.io.verify import Verdict, verify_checkpoint
 from ckptfn.io.write import Written, versions, write
-from ckptfn.shells.preemption import Preemption, SignalWatch
+from ckptfn.shells.preemption import Preemption, SignalWatch, honour_preemption
 from ckptfn.shells.recipe import hooks_of, notify, plan, report_skips, state_to_keep, user_stacklevel, utc_now
 
 __all__ = [
@@ -52,6 +52,7 @@ __all__ = [
     "Verdict",
     "Written",
     "commit",
+    "honour_preemption",
     "hooks_of",
     "load_checkpoint",
     "new_skips",
