@@ -13,11 +13,19 @@ is readable, with the rest marked ``?`` and listed under "odd metadata". Every
 string from a file is printed escaped (``printable``): no control character or ANSI
 escape from a checkpoint reaches the terminal. ``--json`` output is strict JSON:
 non-finite numbers and values of unexpected types are null.
+
+A path may be an object-store URL (``s3://bucket/run/best_loss.pt``, ``s3://bucket/run``):
+a directory lists its checkpoint-like objects as a local one does (sharded trees are
+local only), and each object's metadata is read by range requests (its zip directory
+and ``data.pkl``, never the tensor data). In a store every name is an object of its
+own (ckptfn gives a snapshot its other names by server-side copies), so each name is
+a row with its own size, and the total is what the store holds.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -26,13 +34,14 @@ from collections.abc import Mapping, Sequence
 
 import attrs
 
-from ckptfn.cli.errors import UserError, described, human_size, printable
+from ckptfn.cli.errors import UserError, described, human_size, printable, remote_kind, store_errors
 from ckptfn.core.errors import CheckpointError
-from ckptfn.core.metadata import flatten_metrics
+from ckptfn.core.metadata import FORMAT, decompose, flatten_metrics
 from ckptfn.core.naming import DCP_SUFFIX, archived_of, member_of
 from ckptfn.io.fs import open_regular
-from ckptfn.io.peek import peek_file
-from ckptfn.io.read import read_metadata
+from ckptfn.io.objectstore import RemotePath, is_remote, join, location, store_for
+from ckptfn.io.peek import Peek, lightning_position, metadata_of, peek_file
+from ckptfn.io.read import _remote_checked, read_metadata  # _remote_checked: the vetted range-request scan
 
 __all__ = [
     "CHECKPOINT_SUFFIXES",
@@ -91,7 +100,10 @@ def _disk_size(path: pathlib.Path) -> int | None:
 
 def _identity(path: pathlib.Path) -> tuple[int, int] | None:
     """What makes two names one snapshot: the (device, inode) of the file, or of a sharded
-    tree's ``.metadata`` (ckptfn links a tree file by file); None when it cannot be told."""
+    tree's ``.metadata`` (ckptfn links a tree file by file); None when it cannot be told
+    (and for an object in a store: each name is an object of its own)."""
+    if is_remote(path):
+        return None
     try:
         probe = path / ".metadata" if path.is_dir() else path
         found = os.stat(probe)
@@ -233,21 +245,75 @@ def _fill_metadata(row: dict, metadata: Mapping) -> None:
     row["odd"] = notes if len(notes) <= _NOTES else [*notes[:_NOTES], f"... and {len(notes) - _NOTES} more"]
 
 
+def _not_ckptfn(row: dict, peeked: Peek) -> dict:
+    """``row`` for a file without ckptfn metadata: a plain Lightning checkpoint's position, else why it has none."""
+    if peeked.lightning is not None:
+        row.update(kind="lightning", lightning=peeked.lightning, epoch=peeked.lightning["epoch"],
+                   global_step=peeked.lightning["global_step"])
+        row["notes"] = [_foreign_note(peeked.foreign)] if peeked.foreign else []
+    else:
+        foreign = f"; {_foreign_note(peeked.foreign)}" if peeked.foreign else ""
+        row["error"] = f"not a ckptfn checkpoint (a torch.save file without ckptfn metadata{foreign})"
+    return row
+
+
+def peek_remote(url: str) -> Peek:
+    """``peek_file`` of an object in a store, by range requests only (the zip's directory and
+    ``data.pkl``, vetted as every reader vets a file). A ckptfn checkpoint whose metadata only
+    torch's loader can read (another format version, metadata that is not plain data) is a
+    ``CheckpointError`` saying so: inspect never downloads a whole object.
+
+    >>> import torch, ckptfn
+    >>> state, actions = ckptfn.step(ckptfn.init(ckptfn.Strategy("val_loss")), {"val_loss": 0.5}, 0)
+    >>> (url,) = ckptfn.execute(actions, {"w": torch.zeros(4)}, "memory://ckptfn-doc/peek", state=state)
+    >>> peeked = peek_remote(url)
+    >>> peeked.ckptfn, peeked.metadata["saves"][0]["value"], peeked.lightning
+    (True, 0.5, None)
+    """
+    _, _, scanned, member = _remote_checked(url)
+    loaded = scanned.loaded
+    record = loaded.get("metadata") if type(loaded) is dict else None
+    found = record.get("format") if isinstance(record, Mapping) else None
+    if not (isinstance(found, str) and found.startswith("ckptfn/")):
+        return Peek(False, None, lightning_position(loaded, RemotePath(url).name), tuple(scanned.foreign))
+    if found != FORMAT or decompose(loaded) is None:
+        raise CheckpointError(f"{url}: written by another version of ckptfn (format {found!r}; this version reads {FORMAT!r})")
+    # plain metadata is shown whatever else the pickle names (the foreign names get a note), as peek_file does
+    metadata = metadata_of(dataclasses.replace(scanned, foreign=[]), f"{url}: {member}")
+    if metadata is None:
+        raise CheckpointError(f"{url}: its metadata is not plain data; ckptfn.read_metadata reads it (downloading the object)")
+    return Peek(True, metadata, None, tuple(scanned.foreign))
+
+
+def _read_remote_row(url: RemotePath) -> dict:
+    """``_read_row`` of an object in a store: its size, then its metadata by range requests."""
+    row = _base_row(url)
+    try:
+        store, key = store_for(url)
+        row["size"] = store.size(key)
+        if row["size"] is None:
+            raise CheckpointError(f"{url}: no such object (removed meanwhile?)")
+        peeked = peek_remote(url)
+    except Exception as error:  # noqa: BLE001 - one unreadable object is one row, never the end of the listing
+        row["error"] = _error_text(error, url)
+        return row
+    if not peeked.ckptfn:
+        return _not_ckptfn(row, peeked)
+    row["notes"] = [_foreign_note(peeked.foreign)] if peeked.foreign else []
+    _fill_metadata(row, peeked.metadata)
+    return row
+
+
 def _read_row(path: pathlib.Path) -> dict:
     """The row of one name, from its file alone (``name``-dependent fields are set by the caller)."""
+    if is_remote(path):
+        return _read_remote_row(RemotePath(path))
     row = _base_row(path)
     try:
         row["size"] = _disk_size(path)
         peeked = _peek(path)
         if peeked is not None and not peeked.ckptfn:
-            if peeked.lightning is not None:
-                row.update(kind="lightning", lightning=peeked.lightning, epoch=peeked.lightning["epoch"],
-                           global_step=peeked.lightning["global_step"])
-                row["notes"] = [_foreign_note(peeked.foreign)] if peeked.foreign else []
-            else:
-                foreign = f"; {_foreign_note(peeked.foreign)}" if peeked.foreign else ""
-                row["error"] = f"not a ckptfn checkpoint (a torch.save file without ckptfn metadata{foreign})"
-            return row
+            return _not_ckptfn(row, peeked)
         if peeked is not None and peeked.metadata is not None:
             metadata = peeked.metadata
             row["notes"] = [_foreign_note(peeked.foreign)] if peeked.foreign else []
@@ -307,7 +373,7 @@ class Listing:
     """What to inspect: the checkpoint-like ``paths``, and how many other entries of the
     listed directories were ``skipped``."""
 
-    paths: tuple[pathlib.Path, ...]
+    paths: tuple[pathlib.Path | RemotePath, ...]
     skipped: int = 0
 
 
@@ -356,12 +422,49 @@ def _listed(directory: pathlib.Path) -> tuple[list[pathlib.Path], int]:
     return sorted(found), skipped
 
 
+def _remote_holds_ckptfn_metadata(url: str) -> bool:
+    """``_holds_ckptfn_metadata`` of an object: its first 4 bytes, then (a zip) its ``peek_remote``."""
+    try:
+        store, key = store_for(url)
+        (magic,) = store.read_ranges(key, [(0, 4)])
+        return bytes(magic) == _ZIP_MAGIC and peek_remote(url).ckptfn
+    except Exception:  # noqa: BLE001 - not readable: not shown as a checkpoint
+        return False
+
+
+def _remote_listed(url: str) -> tuple[list[RemotePath], int]:
+    """``_listed`` of a directory in an object store: its non-hidden objects named like a
+    checkpoint or holding ckptfn metadata, sorted, and how many other objects it holds."""
+    with store_errors(url):
+        store, key = store_for(url)
+        names = store.names(key)
+    found, skipped = [], 0
+    for name in names:
+        if name.startswith("."):
+            continue
+        member = RemotePath(join(url, name))
+        if name.lower().endswith(CHECKPOINT_SUFFIXES) or _remote_holds_ckptfn_metadata(member):
+            found.append(member)
+        else:
+            skipped += 1
+    return sorted(found), skipped
+
+
 def list_checkpoints(paths: Sequence[str]) -> Listing:
     """The checkpoints to inspect: each path given (a file always gets its row), and the
-    checkpoint-like entries of each directory given (a ``.dcp`` tree is one checkpoint)."""
+    checkpoint-like entries of each directory given (a ``.dcp`` tree is one checkpoint).
+    A path may be an object-store URL (an object, or a directory of them: ``remote_kind``)."""
     found, skipped = [], 0
     for name in paths:
-        path = pathlib.Path(name)
+        if is_remote(name):
+            if remote_kind(name) == "object":
+                found.append(RemotePath(name))
+            else:
+                listed, others = _remote_listed(name)
+                found += listed
+                skipped += others
+            continue
+        path = location(name)  # a file:// URL as its local path; any other path as it is
         if path.is_dir() and path.suffix != DCP_SUFFIX:
             listed, others = _listed(path)
             found += listed
@@ -381,6 +484,15 @@ def files_to_inspect(paths: Sequence[str]) -> list[pathlib.Path]:
 # --- the table ------------------------------------------------------------------------------
 
 
+def _directory_of(path: str) -> str:
+    """The directory a row's path is in (a URL's parent stays a URL).
+
+    >>> _directory_of("run/best.pt"), _directory_of("s3://bucket/run/best.pt")
+    ('run', 's3://bucket/run')
+    """
+    return str(location(path).parent) if is_remote(path) else str(pathlib.Path(path).parent)
+
+
 def _owner(entry: Mapping, names: Sequence[str]) -> str | None:
     """The name (of one snapshot's names) that holds ``entry``'s strategy: its file, an archived
     version of it, or one of its top-k members; None if no name does."""
@@ -398,7 +510,7 @@ def _ranks(rows: Sequence[dict]) -> dict[tuple[str, str, str], tuple[int, int]]:
     families: dict[tuple[str, str], list[tuple[float, int, str]]] = {}
     modes: dict[tuple[str, str], str] = {}
     for row in rows:
-        directory = str(pathlib.Path(row["path"]).parent)
+        directory = _directory_of(row["path"])
         for entry in row["saves"]:
             filename, value = entry.get("filename"), entry.get("value")
             if not entry.get("top_k") or not isinstance(value, (int, float)) or _owner(entry, [row["file"]]) is None:
@@ -466,7 +578,7 @@ def _chosen_by(row: dict, entries: Sequence[Mapping], ranks: Mapping) -> str:
     if row["kind"] == "lightning":
         text = _lightning_text(row["lightning"])
     else:
-        directory = str(pathlib.Path(row["path"]).parent)
+        directory = _directory_of(row["path"])
         described_ = [describe_entry(e, ranks.get((directory, e.get("filename"), row["file"])))
                       for e in entries[:_DESCRIBED]]
         text = ", ".join(described_) or "-"
@@ -508,7 +620,7 @@ def format_table(rows: Sequence[dict], *, wide: bool = False, skipped: int = 0) 
     ranks = _ranks(rows)
     by_directory: dict[str, set[str]] = {}
     for row in rows:
-        by_directory.setdefault(str(pathlib.Path(row["path"]).parent), set()).add(row["file"])
+        by_directory.setdefault(_directory_of(row["path"]), set()).add(row["file"])
     groups: dict[object, list[str]] = {}
     for index, row in enumerate(rows):
         groups.setdefault(row.get("snapshot") or -index - 1, []).append(row["file"])
@@ -517,7 +629,7 @@ def format_table(rows: Sequence[dict], *, wide: bool = False, skipped: int = 0) 
         key = row.get("snapshot") or -index - 1
         first = key != previous
         previous = key
-        listed = by_directory[str(pathlib.Path(row["path"]).parent)]
+        listed = by_directory[_directory_of(row["path"])]
         entries = _shown_entries(row, groups[key], listed, first)
         name = printable(row["file"], limit=120) + (" [archived]" if row["archived"] else "")
         if first:
@@ -526,8 +638,9 @@ def format_table(rows: Sequence[dict], *, wide: bool = False, skipped: int = 0) 
                      "?" if _odd_field(row, "timestamp") else timestamp,
                      "" if row["size"] is None else human_size(row["size"])]
         else:  # another name of the snapshot above
-            chosen = ", ".join(describe_entry(e, ranks.get((str(pathlib.Path(row["path"]).parent), e.get("filename"),
-                                                              row["file"]))) for e in entries[:_DESCRIBED])
+            directory = _directory_of(row["path"])
+            chosen = ", ".join(describe_entry(e, ranks.get((directory, e.get("filename"), row["file"])))
+                               for e in entries[:_DESCRIBED])
             cells = [f"= {name}", "", "", chosen or "(same snapshot)", "", ""]
         if wide:
             cells.insert(4, _metrics_cell(row, entries) if first and not row["error"] else "")
@@ -545,14 +658,16 @@ def _plural(count: int, noun: str, nouns: str | None = None) -> str:
 
 
 def _footer(rows: Sequence[dict], skipped: int) -> str:
-    """``5 names, 3 snapshots, 9.1 KiB on disk; 2 other entries skipped`` (nothing for one row alone)."""
+    """``5 names, 3 snapshots, 9.1 KiB on disk; 2 other entries skipped`` (nothing for one row alone;
+    ``in the store`` when every row is an object in a store)."""
     sizes: dict[object, int | None] = {}
     for index, row in enumerate(rows):
         sizes.setdefault(row.get("snapshot") or -index - 1, row["size"])
     if len(rows) <= 1 and not skipped:
         return ""
     known = [size for size in sizes.values() if size is not None]
-    text = f"{_plural(len(rows), 'name')}, {_plural(len(sizes), 'snapshot')}, {human_size(sum(known))} on disk"
+    where = "in the store" if all(is_remote(row["path"]) for row in rows) else "on disk"
+    text = f"{_plural(len(rows), 'name')}, {_plural(len(sizes), 'snapshot')}, {human_size(sum(known))} {where}"
     if skipped:
         text += f"; {_plural(skipped, 'other entry', 'other entries')} skipped (not checkpoints)"
     return text

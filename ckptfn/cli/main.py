@@ -24,6 +24,7 @@ from ckptfn.cli.replay import cmd_replay
 from ckptfn.cli.verify import cmd_verify
 from ckptfn.core.errors import CheckpointError, ConfigError
 from ckptfn.core.metadata import flatten_metrics
+from ckptfn.io.objectstore import is_remote
 
 __all__ = ["main"]
 
@@ -67,6 +68,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     if args.epochs < 1:
         raise UserError(f"--epochs must be >= 1, got {args.epochs}")
+    if args.output_dir is not None and is_remote(args.output_dir):  # never a local "s3:" directory made of a URL
+        raise UserError(f"--output-dir: the demo writes to a local directory, not to {args.output_dir}")
     if args.output_dir is None:
         stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         output = pathlib.Path("ckpt-demo") / f"run-{stamp}"
@@ -137,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
                                   ".ckpt files, .dcp trees and any file with ckptfn metadata (archived versions "
                                   "marked), and counts the rest. Plain Lightning checkpoints show their epoch and "
                                   "step. Reads metadata only, so large checkpoints list instantly.")
-    inspect.add_argument("paths", nargs="+", metavar="PATH", help="checkpoint files or directories")
+    inspect.add_argument("paths", nargs="+", metavar="PATH",
+                         help="checkpoint files or directories (local, or object-store URLs: s3://bucket/run)")
     inspect.add_argument("--wide", action="store_true", help="also the other metrics each snapshot recorded")
     inspect.add_argument("--json", action="store_true", help="machine-readable output")
     inspect.set_defaults(run=cmd_inspect)
@@ -161,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  "compare each zip record's CRC32 (torch writes them but never checks them), then load it "
                                  "with weights_only=True, in bounded memory. Exit status 0 only when all are intact, "
                                  "1 when any is damaged.")
-    verify.add_argument("paths", nargs="+", metavar="PATH", help="checkpoint files, sharded trees or directories")
+    verify.add_argument("paths", nargs="+", metavar="PATH",
+                        help="checkpoint files, sharded trees or directories (local, or object-store URLs)")
     verify.add_argument("--structure", action="store_true",
                         help="cheap checks only: zip directory and metadata, no data read")
     verify.add_argument("--json", action="store_true", help="machine-readable output")

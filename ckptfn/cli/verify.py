@@ -1,21 +1,24 @@
 """``ckptfn verify``: is every byte of each checkpoint still the one written (``ckptfn.io.verify``)?
 
 One line per checkpoint, then a summary; exit status 0 only when every checkpoint
-is intact, 1 when any is damaged (or none was found), 2 for a usage error.
+is intact, 1 when any is damaged (or none was found), 2 for a usage error. A path
+may be an object-store URL: an object, or a directory whose checkpoint-named objects
+are verified (each read whole, in ranges, once).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
-import pathlib
 import sys
 from collections.abc import Iterable
 
 import attrs
 
-from ckptfn.cli.errors import UserError, human_size, printable
+from ckptfn.cli.errors import UserError, human_size, printable, remote_kind, store_errors
+from ckptfn.io.objectstore import is_remote, location
 from ckptfn.io.verify import Verdict, verify_checkpoints
 
 __all__ = ["cmd_verify", "format_verdict"]
@@ -49,15 +52,24 @@ def _summary(verdicts: Iterable[Verdict], level: str) -> str:
 
 def _check_paths(paths: Iterable[str]) -> None:
     for name in paths:
-        if not os.path.lexists(name):
+        if is_remote(name):
+            remote_kind(name)  # an object or a directory, else one line naming the URL
+        elif not os.path.lexists(location(name)):
             raise UserError(f"{name}: no such file or directory")  # UserError escapes it
+
+
+def _verdicts(paths: Iterable[str], level: str):
+    """``verify_checkpoints`` of each path in turn (a URL stays a URL); a store's errors are one line."""
+    for name in paths:
+        with store_errors(name) if is_remote(name) else contextlib.nullcontext():
+            yield from verify_checkpoints([location(name)], level=level)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
     _check_paths(args.paths)
     level = "structure" if args.structure else "full"
     verdicts = []
-    for verdict in verify_checkpoints(map(pathlib.Path, args.paths), level=level):
+    for verdict in _verdicts(args.paths, level):
         verdicts.append(verdict)
         if not args.json:
             print(format_verdict(verdict), flush=True)

@@ -9,6 +9,10 @@ names, gives tensors that share memory their own copy (safetensors refuses
 aliases; the values are the same), stores the checkpoint's position and the value
 that chose it as string metadata in the header, and publishes the file with the
 same protocol as every checkpoint (complete or absent, never half-written).
+
+Either end may be an object-store URL: a remote checkpoint is loaded as
+``load_checkpoint`` loads it, and a remote ``out`` is published by the object-store
+protocol (``ckptfn.io.remote``: one atomic upload), never written to a local path.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from collections.abc import Mapping
 
 from ckptfn.core.errors import CheckpointError, PayloadError
 from ckptfn.core.snapshot import Target
+from ckptfn.io.fs import REAL
+from ckptfn.io.objectstore import RemotePath, is_remote, location, store_for
 from ckptfn.io.publish import FILE, Publisher, publish
 from ckptfn.io.read import load_checkpoint
 
@@ -122,12 +128,43 @@ def export_metadata(metadata: Mapping) -> dict[str, str]:
     return header
 
 
-def export_safetensors(path: str | os.PathLike, out: str | os.PathLike, *, key: str | None = None) -> pathlib.Path:
+def _publish_remote(out: RemotePath, data: bytes) -> RemotePath:
+    """Publish ``data`` as the object ``out`` by the object-store protocol (one atomic upload of a
+    local spool file); ``CheckpointError`` when ``out`` names no file or names a directory."""
+    from ckptfn.io.remote import publish_remote
+
+    within = out.split("://", 1)[1].strip("/")
+    if out.endswith("/") or "/" not in within or out.name in ("", ".", ".."):
+        raise CheckpointError(f"{out}: the export needs an object name (e.g. {out.rstrip('/')}/model.safetensors)")
+    try:
+        store, key = store_for(out)
+        directory = store.size(key) is None and bool(store.names(key))
+    except (ImportError, ValueError):  # no package for the protocol, or no such protocol: the caller's to say
+        raise
+    except Exception as error:  # noqa: BLE001 - the store's errors (network, permissions) as one kind
+        raise CheckpointError(f"{out}: cannot be written ({type(error).__name__}: {error})") from error
+    if directory:
+        raise CheckpointError(f"{out}: is a directory; the export needs an object name (e.g. {out}/model.safetensors)")
+
+    def spool(directory: pathlib.Path) -> pathlib.Path:
+        path = directory / out.name
+        with REAL.create(path) as file:
+            file.write(data)
+        return path
+
+    (published,) = publish_remote(out.parent, [Target(out.name)], None, produce=spool)
+    return published
+
+
+def export_safetensors(
+    path: str | os.PathLike, out: str | os.PathLike, *, key: str | None = None
+) -> pathlib.Path | RemotePath:
     """Write the model weights of the checkpoint at ``path`` to the safetensors file ``out``.
 
-    Returns ``out``'s path. Raises ``CheckpointError`` for a file that is not a
-    readable ckptfn checkpoint, ``PayloadError`` when the chosen entry is not a
-    mapping of tensors, ``ImportError`` without the ``safetensors`` package.
+    Returns ``out``'s path (a ``RemotePath`` for a URL). Raises ``CheckpointError`` for a file
+    that is not a readable ckptfn checkpoint (or a failed write: ``CheckpointWriteError``),
+    ``PayloadError`` when the chosen entry is not a mapping of tensors, ``ImportError``
+    without the ``safetensors`` package.
 
     >>> import tempfile, torch, ckptfn
     >>> from safetensors.torch import load_file
@@ -147,7 +184,9 @@ def export_safetensors(path: str | os.PathLike, out: str | os.PathLike, *, key: 
     payload, metadata = load_checkpoint(path)
     tensors = _unaliased(weights_of(payload, key, where=str(path)))
     data = save(tensors, metadata=export_metadata(metadata))
-    out = pathlib.Path(out)
+    out = location(out)  # a URL stays a URL: never a local path made of it
+    if is_remote(out):
+        return _publish_remote(out, data)
     if out.name in ("", ".", "..") or out.is_dir():
         raise CheckpointError(f"{out}: the export needs a file name (e.g. model.safetensors)")
 

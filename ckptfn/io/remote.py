@@ -160,10 +160,13 @@ def publish_remote(
     families: Sequence[tuple[str, Sequence[str]]] = (),
     on_serialized: Callable[[], object] | None = None,
     on_published: Callable[[], object] | None = None,
+    produce: Callable[[pathlib.Path], pathlib.Path] | None = None,
 ) -> tuple[RemotePath, ...]:
     """Publish the composed ``checkpoint`` under every target in the remote directory ``url``;
     the URLs written. ``store`` (an ``ObjectStore`` whose paths ``url`` names without its
-    protocol) replaces the one fsspec gives, for tests.
+    protocol) replaces the one fsspec gives, for tests. ``produce``, when given, writes the
+    file to publish into the local spool directory it is handed and returns its path (``ckptfn
+    export``'s safetensors file); ``checkpoint`` is then unused.
 
     Raises ``CheckpointWriteError`` whose ``published`` lists the URLs already switched.
     """
@@ -178,7 +181,10 @@ def publish_remote(
         store.abort_abandoned_uploads(root, dt.datetime.now(dt.timezone.utc))
     with tempfile.TemporaryDirectory(prefix="ckptfn-spool-") as spool:
         try:
-            spooled = serialize_to_spool(checkpoint, pathlib.Path(spool), on_serialized)
+            if produce is not None:
+                spooled = produce(pathlib.Path(spool))
+            else:
+                spooled = serialize_to_spool(checkpoint, pathlib.Path(spool), on_serialized)
             paths = publisher.publish(spooled, targets)
         except Exception as error:
             publisher.undo()

@@ -324,5 +324,6 @@ def forkserver():
     import multiprocessing
 
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["torch", "ckptfn", "tests.reliability.kill", "tests.reliability.concurrency"])
+    context.set_forkserver_preload(["torch", "ckptfn", "s3fs", "tests.reliability.kill", "tests.reliability.concurrency",
+                                   "tests.reliability.objectstore"])  # (a module that is not installed is skipped)
     return context

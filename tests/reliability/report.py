@@ -25,23 +25,27 @@ if __name__ == "__main__":  # run as a script: make `tests` importable, then run
 import torch
 
 import ckptfn
-from tests.reliability import cli_inputs, concurrency, corners, crashpoints, diskfaults, fuzz, hostile, kill, powerloss, statedisk
+from tests.reliability import (
+    cli_inputs, concurrency, corners, crashpoints, diskfaults, fuzz, hostile, kill, objectstore, powerloss, statedisk,
+)
 from tests.reliability.common import Mounts, Tally
 
 SIZES = {
     "full": {"exhaustive": True, "kill_trials": 30, "kill_mib": (8, 64), "race_seconds": 8.0, "examples": 1500,
              "filenames": 300, "mutations": 2400,
-             "statedisk": {"epochs": 120, "seeds": (3, 4, 5), "seconds": 6.0, "histories": 60}, "corners": 300},
+             "statedisk": {"epochs": 120, "seeds": (3, 4, 5), "seconds": 6.0, "histories": 60}, "corners": 300,
+             "s3_quick": False},
     "quick": {"exhaustive": False, "kill_trials": 12, "kill_mib": (1, 4), "race_seconds": 2.0, "examples": 200,
               "filenames": 80, "mutations": 240,
-              "statedisk": {"epochs": 60, "seeds": (3,), "seconds": 3.0, "histories": 15}, "corners": 30},
+              "statedisk": {"epochs": 60, "seeds": (3,), "seconds": 3.0, "histories": 15}, "corners": 30,
+              "s3_quick": True},
 }
 
 
-def run_all(size: dict, *, progress=print) -> tuple[Tally, dict[str, str], int, dict[str, float]]:
+def run_all(size: dict, *, progress=print) -> tuple[Tally, dict[str, str], int, dict[str, float], list[str]]:
     """Every part of the suite; returns the tally, the scenarios this machine could not run, the
-    versions superseded by two writers of one name, and the seconds each part took."""
-    tally, unavailable, seconds = Tally(), {}, {}
+    versions superseded by two writers of one name, the seconds each part took, and notes."""
+    tally, unavailable, seconds, notes = Tally(), {}, {}, []
 
     def part(name, function):
         started = time.monotonic()
@@ -56,6 +60,11 @@ def run_all(size: dict, *, progress=print) -> tuple[Tally, dict[str, str], int, 
     tally.merge(state_tally)
     unavailable.update(missing)
     tally.merge(part("kills", lambda: kill.run(size["kill_trials"], mib=size["kill_mib"])))
+    s3_tally, s3_missing, landed = part("object stores", lambda: objectstore.run(quick=size["s3_quick"]))
+    tally.merge(s3_tally)
+    unavailable.update(s3_missing)
+    if landed:
+        notes.append(landed)
     with tempfile.TemporaryDirectory(prefix="ckptfn-report-") as work:
         mounts = Mounts(pathlib.Path(work) / "mounts")
         try:
@@ -80,7 +89,7 @@ def run_all(size: dict, *, progress=print) -> tuple[Tally, dict[str, str], int, 
     tally.merge(part("hostile files", hostile.run))
     tally.merge(part("command line inputs", cli_inputs.run))
     tally.merge(part("async and distributed corners", lambda: corners.run(examples=size["corners"])))
-    return tally, unavailable, superseded, seconds
+    return tally, unavailable, superseded, seconds, notes
 
 
 def table(tally: Tally) -> str:
@@ -108,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     size = SIZES["quick" if args.quick else "full"]
     started = time.monotonic()
-    tally, unavailable, superseded, seconds = run_all(size, progress=lambda text: print(text, file=sys.stderr))
+    tally, unavailable, superseded, seconds, landed = run_all(size, progress=lambda text: print(text, file=sys.stderr))
     header = (f"ckptfn {ckptfn.__version__}, torch {torch.__version__}, Python {platform.python_version()}, "
               f"{platform.system()} {platform.release()}, {time.monotonic() - started:.0f} s "
               f"({', '.join(f'{name} {s:.0f} s' for name, s in seconds.items())})")
@@ -119,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     notes = [f"not run here: {name}: {reason}" for name, reason in unavailable.items()]
     notes.append(f"two writers sharing one overwrite=False name: {superseded} versions replaced before they were "
                  "archived")
+    notes += landed
     print("\n".join(notes))
     if args.write_readme:
         from tests.readme_regions import measured_note, write_region
