@@ -25,7 +25,7 @@ from ckptfn import Every, Strategy  # noqa: E402
 from ckptfn.io.write import write_snapshot  # noqa: E402
 from tests.faults import FailingFS  # noqa: E402
 from ckptfn.integrations.huggingface import Checkpointing  # noqa: E402
-from tests.integrations.test_huggingface import FIXED_INPUT, make_trainer, model_config  # noqa: E402
+from tests.integrations.test_huggingface import FIXED_INPUT, make_trainer, model_config, offline, one_thread  # noqa: E402,F401 - fixtures: autouse here too
 from tests.integrations.test_lightning_preemption import default_handlers, same  # noqa: E402, F401
 
 pytestmark = [
@@ -34,19 +34,6 @@ pytestmark = [
 ]
 
 CONFIG = [Strategy("eval_accuracy", mode="max"), Every(n_steps=100, filename="last.pt")]  # last.pt: only when preempted
-
-
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class Kill(TrainerCallback):

@@ -9,7 +9,6 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers reads it: no network, ever
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 transformers = pytest.importorskip("transformers", reason="the Hugging Face tests need the 'huggingface' extra")
 pytest.importorskip("accelerate", reason="the Hugging Face Trainer needs accelerate (the 'huggingface' extra)")
@@ -17,25 +16,12 @@ pytest.importorskip("accelerate", reason="the Hugging Face Trainer needs acceler
 import ckptfn  # noqa: E402
 from ckptfn.integrations.huggingface import Checkpointing  # noqa: E402
 from ckptfn.io.objectstore import ObjectStore  # noqa: E402
-from tests.integrations.test_huggingface import BESTS, RESUME_AT, STRATEGIES, Recorder, make_trainer, oracle, saves_of  # noqa: E402
+from tests.integrations.test_huggingface import BESTS, RESUME_AT, STRATEGIES, Recorder, make_trainer, oracle, saves_of, offline, one_thread  # noqa: E402,F401 - fixtures: autouse here too
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning:transformers"),
     pytest.mark.filterwarnings("ignore::FutureWarning"),
 ]
-
-
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def names(s3, url):
