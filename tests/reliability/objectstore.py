@@ -415,6 +415,16 @@ FULL_KILLS = (KillPlan(2, 4, (4, 24)), KillPlan(2, 3, (16, 40), part_mib=5), Kil
 QUICK_KILLS = (KillPlan(1, 2, (4, 8)), KillPlan(1, 2, (16, 24), part_mib=5))
 
 
+def _sleep_until(log_path: pathlib.Path, event: str, seconds: float) -> None:
+    """Sleep ``seconds``, or less once the writer logs ``event`` (a learned upload time too long
+    must not let the writer finish its save before the kill)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if any(r["event"] == event for r in _records(log_path)):
+            return
+        time.sleep(0.001)
+
+
 class KillRun:
     """One bucket directory, one payload size; a writer killed again and again, each resuming."""
 
@@ -484,10 +494,13 @@ class KillRun:
                 if uploads and bytes_uploaded(self.url, uploads[0]) >= target:
                     break
                 time.sleep(0.002)
-            time.sleep(self.rng.uniform(0, 0.3 * upload_time / parts))
-        elif began is not None:
-            share = self.rng.uniform(0, 0.95)
-            time.sleep(share * upload_time)
+            _sleep_until(log_path, "uploaded", self.rng.uniform(0, 0.3 * upload_time / parts))
+        elif began is not None:  # once the PUT has reached the server, a random moment of its duration
+            deadline = time.monotonic() + 10
+            while process.is_alive() and not self.server.requests.active and time.monotonic() < deadline:
+                time.sleep(0.0005)
+            share = self.rng.uniform(0, 0.9)
+            _sleep_until(log_path, "uploaded", share * upload_time)
             self.kill_moments.append(share)
         try:
             os.kill(process.pid, signal.SIGKILL)
