@@ -41,7 +41,7 @@ from ckptfn.core.naming import DCP_SUFFIX, archived_of, member_of
 from ckptfn.io.fs import open_regular
 from ckptfn.io.objectstore import RemotePath, is_remote, join, location, store_for
 from ckptfn.io.peek import Peek, lightning_position, metadata_of, peek_file
-from ckptfn.io.read import _remote_checked, read_metadata  # _remote_checked: the vetted range-request scan
+from ckptfn.io.read import read_metadata, scan_remote
 
 __all__ = [
     "CHECKPOINT_SUFFIXES",
@@ -270,7 +270,7 @@ def peek_remote(url: str) -> Peek:
     >>> peeked.ckptfn, peeked.metadata["saves"][0]["value"], peeked.lightning
     (True, 0.5, None)
     """
-    _, _, scanned, member = _remote_checked(url)
+    _, _, scanned, member = scan_remote(url)
     loaded = scanned.loaded
     record = loaded.get("metadata") if type(loaded) is dict else None
     found = record.get("format") if isinstance(record, Mapping) else None

@@ -39,6 +39,7 @@ __all__ = [
     "read_metadata",
     "restore_from_directory",
     "saved_metadata",
+    "scan_remote",
     "visible_files",
 ]
 
@@ -141,7 +142,7 @@ def _checked_file(path: str | os.PathLike) -> tuple[pathlib.Path, Scanned, str]:
 REMOTE_TAIL = 1 << 16
 
 
-def _remote_checked(url: str):
+def scan_remote(url: str):
     """``(store, store path, scan, member)`` of a remote checkpoint, fetching only the zip's
     directory and ``data.pkl`` (range requests of ``BLOCK_SIZE``); else the documented error."""
     store, key = store_for(url)
@@ -163,7 +164,7 @@ def _remote_checked(url: str):
 
 def _torch_load(path: pathlib.Path | str, **options) -> dict:
     """torch's ``weights_only`` loader, over a file ``_checked_file`` (or, for a URL,
-    ``_remote_checked``) has vetted; a remote object is read whole into memory first."""
+    ``scan_remote``) has vetted; a remote object is read whole into memory first."""
     import io
 
     import torch  # here, not at import: reading metadata (ckptfn inspect) does not need torch
@@ -201,7 +202,7 @@ def _format_of(loaded: object) -> str | None:
 
 def _load(path: str | os.PathLike, **options) -> dict:
     if is_remote(path):
-        _remote_checked(path)
+        scan_remote(path)
         return _torch_load(path, **options)
     return _torch_load(_checked_file(path)[0], **options)
 
@@ -254,7 +255,7 @@ def read_metadata(path: str | os.PathLike) -> dict:
     """
     path = local_path(path)
     if is_remote(path):  # the zip's directory and data.pkl only, by range requests
-        _, _, scanned, member = _remote_checked(path)
+        _, _, scanned, member = scan_remote(path)
         metadata = metadata_of(scanned, f"{path}: {member}")
         return metadata if metadata is not None else _torch_load(path, map_location="cpu")["metadata"]
     if _is_sharded(path):
